@@ -115,8 +115,10 @@ def save_checkpoint(
         meta.setdefault("version", f"{meta.get('name', 'model')}-{weights_digest(tmp)[:12]}")
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         for f in tmp.iterdir():
+            f.chmod(0o644)
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)

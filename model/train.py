@@ -40,6 +40,9 @@ class TrainConfig:
     # FedProx: weight of (mu / 2) * ||w - w_start||^2; 0 is plain fine-tuning (FedAvg).
     prox_mu: float = 0.0
     log_every: int = 100
+    # Early stopping: every this many steps, score the validation stream and keep the best
+    # weights (0 = off; the final weights are kept).
+    eval_every: int = 0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len"):
@@ -54,6 +57,9 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     tokens_seen: int = 0
     seconds: float = 0.0
+    # (step, validation NLL) pairs, and the step whose weights were kept.
+    evals: list[tuple[int, float]] = field(default_factory=list)
+    best_step: int | None = None
 
     @property
     def final_loss(self) -> float:
@@ -109,9 +115,14 @@ def train(
     tokens: Tensor,
     cfg: TrainConfig,
     *,
+    eval_tokens: Tensor | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place on random windows of the packed stream ``tokens``."""
+    """Train ``model`` in place on random windows of the packed stream ``tokens``.
+
+    With ``cfg.eval_every`` and ``eval_tokens``, the weights with the lowest validation loss
+    are restored at the end (early stopping against a split that is not the held-out one).
+    """
     if tokens.numel() < cfg.seq_len + 2:
         raise ValueError(
             f"need more than seq_len + 1 = {cfg.seq_len + 1} tokens to train, got {tokens.numel()}"
@@ -127,6 +138,7 @@ def train(
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     offsets = torch.arange(cfg.seq_len + 1)
     result = TrainResult()
+    best_state: dict[str, Tensor] = {}
     start = time.perf_counter()
     for step in range(cfg.steps):
         starts = torch.randint(0, data.numel() - cfg.seq_len - 1, (cfg.batch_size,), generator=gen)
@@ -153,6 +165,16 @@ def train(
             on_step(step, value)
         if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.steps - 1):
             log.info("step %d/%d loss %.4f lr %.2e", step + 1, cfg.steps, value, _lr_at(step, cfg))
+        due = cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step == cfg.steps - 1)
+        if eval_tokens is not None and due:
+            val = evaluate_nll(model, eval_tokens, seq_len=cfg.seq_len)
+            result.evals.append((step + 1, val))
+            log.info("step %d validation loss %.4f", step + 1, val)
+            if val <= min(v for _, v in result.evals):
+                result.best_step = step + 1
+                best_state = {k: t.detach().clone() for k, t in model.state_dict().items()}
+    if result.best_step is not None:
+        model.load_state_dict(best_state)
     result.seconds = time.perf_counter() - start
     model.eval()
     return result

@@ -1,0 +1,3 @@
+"""Tandem: one LLM served across a cloud GPU tier and quantized CPU edge nodes."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,145 @@
+"""``tandem model``: inspect, rebuild and export the model pair.
+
+Heavy imports (torch, the exporter) happen inside each command so that ``tandem --help`` and
+commands of other groups stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DATA_DIR = Path("runs/demo-data")
+
+
+def register(groups: Any) -> None:
+    model = groups.add_parser("model", help="inspect, rebuild and export the model pair")
+    sub = model.add_subparsers(dest="command", metavar="ACTION", required=True)
+
+    info = sub.add_parser("info", help="show the demo pair: sizes, perplexities, versions")
+    info.add_argument("--dir", type=Path, default=None, help="pair directory (default: shipped)")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.set_defaults(func=cmd_info)
+
+    data = sub.add_parser("data", help="build the corpus, tokenizer and token streams")
+    data.add_argument("--out", type=Path, default=DEFAULT_DATA_DIR)
+    data.add_argument("--vocab-size", type=int, default=4096)
+    data.set_defaults(func=cmd_data)
+
+    train = sub.add_parser("train", help="rebuild the demo pair (data, then both models)")
+    train.add_argument("--out", type=Path, default=None, help="pair directory (default: shipped)")
+    train.add_argument("--data", type=Path, default=None,
+                       help="use this data directory (from `tandem model data`) as it is")
+    train.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda if available)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--edge-steps", type=int, default=None)
+    train.add_argument("--cloud-steps", type=int, default=None)
+    train.add_argument("--batch-size", type=int, default=None)
+    train.set_defaults(func=cmd_train)
+
+    export = sub.add_parser("export", help="build an edge artifact (ONNX Runtime GenAI)")
+    export.add_argument("--checkpoint", type=Path, default=None,
+                        help="checkpoint directory (default: the shipped edge model)")
+    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--quantization", choices=("int4", "int8", "fp32"), default="int4")
+    export.set_defaults(func=cmd_export)
+
+
+def _pair_dir(arg: Path | None) -> Path:
+    from model.demo import DEMO_DIR
+
+    return arg if arg is not None else DEMO_DIR
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from model.checkpoint import checkpoint_version, read_metadata
+
+    pair = _pair_dir(args.dir)
+    rows: dict[str, dict[str, Any]] = {}
+    for role in ("cloud", "edge"):
+        path = pair / role
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"no {role} checkpoint in {pair}; run `tandem model train`")
+        meta = read_metadata(path)
+        size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+        rows[role] = {
+            "path": str(path),
+            "version": checkpoint_version(path),
+            "parameters": meta.get("parameters"),
+            "size_bytes": size,
+            "heldout_perplexity": meta.get("heldout_perplexity", {}),
+            "trained": meta.get("train", {}),
+            "device": meta.get("device_name"),
+        }
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for role, row in rows.items():
+        ppl = row["heldout_perplexity"]
+        trained = row["trained"]
+        print(f"{role}: {row['version']}")
+        print(f"  path        {row['path']}")
+        print(f"  parameters  {row['parameters'] / 1e6:.2f}M" if row["parameters"] else "")
+        print(f"  size        {row['size_bytes'] / 1e6:.1f} MB (bf16 safetensors + tokenizer)")
+        if ppl:
+            per_family = ", ".join(f"{k} {v:.1f}" for k, v in ppl.items() if k != "all")
+            print(f"  perplexity  {ppl.get('all', float('nan')):.2f} held-out ({per_family})")
+        if trained:
+            print(f"  trained     {trained.get('steps')} steps x {trained.get('batch_size')} x "
+                  f"{trained.get('seq_len')} tokens, seed {trained.get('seed')}, "
+                  f"{trained.get('seconds')} s on {row['device']}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from model.demo import prepare_data
+
+    data = prepare_data(args.out, vocab_size=args.vocab_size)
+    print(f"wrote {args.out}: tokenizer ({data.tokenizer.vocab_size} tokens), "
+          f"{data.stream('train').numel()} train and {data.stream('heldout').numel()} "
+          f"held-out tokens over {len(data.families)} families")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import torch
+
+    from model.demo import DemoConfig, prepare_data, train_pair
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    overrides = {k: v for k, v in {
+        "seed": args.seed, "device": device, "edge_steps": args.edge_steps,
+        "cloud_steps": args.cloud_steps, "batch_size": args.batch_size,
+    }.items() if v is not None}
+    cfg = dataclasses.replace(DemoConfig(), **overrides)
+    out = _pair_dir(args.out)
+    if args.data is not None:
+        data_dir = args.data
+    else:
+        data_dir = Path(tempfile.mkdtemp(prefix="tandem-demo-data-"))
+        prepare_data(data_dir, vocab_size=cfg.vocab_size)
+    report = train_pair(data_dir, out, cfg)
+    for role, ppl in report.items():
+        print(f"demo-{role}: held-out perplexity {ppl['all']:.2f} -> {out / role}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from model.checkpoint import checkpoint_version
+    from model.export import export_edge_artifact
+
+    checkpoint = args.checkpoint or _pair_dir(None) / "edge"
+    manifest = export_edge_artifact(
+        checkpoint, args.out, args.quantization, base_version=checkpoint_version(checkpoint)
+    )
+    size = sum(f.size for f in manifest.files)
+    print(f"wrote {args.out}: {manifest.model_version} ({manifest.quantization}, "
+          f"{size / 1e6:.1f} MB, {len(manifest.files)} files)")
+    return 0

@@ -48,8 +48,8 @@ class DemoConfig:
     device: str = "cpu"
     batch_size: int = 64
     seq_len: int = 256
-    edge_steps: int = 3000
-    cloud_steps: int = 3000
+    edge_steps: int = 800
+    cloud_steps: int = 800
     edge_lr: float = 3e-3
     cloud_lr: float = 2e-3
     eval_every: int = 100

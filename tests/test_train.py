@@ -53,7 +53,7 @@ def test_fedprox_keeps_weights_closer_to_the_start() -> None:
         start = [p.detach().clone() for p in model.parameters()]
         train(model, data, TrainConfig(steps=30, batch_size=8, seq_len=32, prox_mu=mu, log_every=0))
         pairs = zip(model.parameters(), start, strict=True)
-        drift[mu] = sum(float((p - s).pow(2).sum()) for p, s in pairs)
+        drift[mu] = sum(float((p.detach() - s).pow(2).sum()) for p, s in pairs)
     assert drift[1.0] < drift[0.0]
 
 

@@ -1,0 +1,1 @@
+"""What every Tandem inference server shares: the engine contract, the servicer, the gRPC shell."""

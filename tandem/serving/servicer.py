@@ -1,0 +1,115 @@
+"""The tandem.v1.Inference servicer over any engine: protobuf in, engine call, protobuf out.
+
+Thin on purpose (the Flower SuperLink servicer is the model): validate, call the engine, map
+each TandemError to its status once. Every response carries the engine's load in trailing
+metadata so routers learn it without polling.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from protos.tandem.v1 import inference_pb2 as pb
+from tandem.errors import InvalidRequest, TandemError
+from tandem.request import GenerationRequest, Limits
+from tandem.serving import convert
+from tandem.serving.engine_api import Chunk, Engine
+from tandem.serving.grpc_server import Undecodable, abort
+
+log = logging.getLogger(__name__)
+
+IN_FLIGHT_KEY = "tandem-in-flight"
+QUEUE_DEPTH_KEY = "tandem-queue-depth"
+SLOTS_KEY = "tandem-slots"
+
+
+class EngineServicer:
+    """Serves one engine (cloud or edge) behind the shared Inference API."""
+
+    def __init__(self, engine: Engine, limits: Limits) -> None:
+        self.engine = engine
+        self.limits = limits
+
+    def load_trailers(self) -> tuple[tuple[str, str], ...]:
+        load = self.engine.load()
+        return (
+            (IN_FLIGHT_KEY, str(load.in_flight)),
+            (QUEUE_DEPTH_KEY, str(load.queue_depth)),
+            (SLOTS_KEY, str(load.slots)),
+        )
+
+    async def _request(
+        self, msg: pb.GenerateRequest | Undecodable, context: grpc.aio.ServicerContext
+    ) -> GenerationRequest:
+        try:
+            if isinstance(msg, Undecodable):
+                raise InvalidRequest(
+                    f"request is not a valid tandem.v1.GenerateRequest ({msg.reason}); "
+                    "prompt and stop sequences must be UTF-8 text"
+                )
+            remaining = context.time_remaining()
+            deadline = time.monotonic() + remaining if remaining is not None else None
+            return convert.request_from_proto(msg, self.limits, deadline)
+        except TandemError as e:
+            await abort(context, e, self.load_trailers())
+
+    async def Generate(
+        self, request: pb.GenerateRequest | Undecodable, context: grpc.aio.ServicerContext
+    ) -> pb.GenerateResponse:
+        req = await self._request(request, context)
+        chunks: list[Chunk] = []
+        try:
+            async for chunk in self.engine.generate(req):
+                chunks.append(chunk)
+        except TandemError as e:
+            await abort(context, e, self.load_trailers())
+        context.set_trailing_metadata(self.load_trailers())
+        return convert.response_from_chunks(
+            chunks, served_by=self.engine.info.served_by, request_id=req.request_id
+        )
+
+    async def GenerateStream(
+        self, request: pb.GenerateRequest | Undecodable, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateChunk]:
+        req = await self._request(request, context)
+        served_by = self.engine.info.served_by
+        first = True
+        try:
+            async for chunk in self.engine.generate(req):
+                yield convert.chunk_to_proto(
+                    chunk, served_by=served_by, request_id=req.request_id, first=first
+                )
+                first = False
+        except TandemError as e:
+            await abort(context, e, self.load_trailers())
+        context.set_trailing_metadata(self.load_trailers())
+
+    async def Score(
+        self, request: pb.ScoreRequest | Undecodable, context: grpc.aio.ServicerContext
+    ) -> pb.ScoreResponse:
+        try:
+            if isinstance(request, Undecodable) or not request.prompt.strip():
+                raise InvalidRequest("prompt must be non-empty UTF-8 text")
+            if len(request.prompt.encode()) > self.limits.max_prompt_bytes:
+                raise InvalidRequest(
+                    f"prompt is over the limit of {self.limits.max_prompt_bytes} bytes"
+                )
+            result = await self.engine.score(request.prompt)
+        except TandemError as e:
+            await abort(context, e, self.load_trailers())
+        context.set_trailing_metadata(self.load_trailers())
+        return pb.ScoreResponse(
+            mean_loss=result.mean_loss,
+            prompt_tokens=result.prompt_tokens,
+            served_by=convert.served_by_to_proto(self.engine.info.served_by),
+        )
+
+    async def Info(
+        self, request: pb.InfoRequest | Undecodable, context: grpc.aio.ServicerContext
+    ) -> pb.InfoResponse:
+        context.set_trailing_metadata(self.load_trailers())
+        return convert.info_to_proto(self.engine.info)

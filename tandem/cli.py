@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from tandem import __version__
-from tandem.commands import model_cmd
+from tandem.commands import cloud_cmd, model_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
     model_cmd.register(groups)
+    cloud_cmd.register(groups)
     return parser
 
 

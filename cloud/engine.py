@@ -1,0 +1,319 @@
+"""The cloud tier's engine: continuous batching of the PyTorch model over a static KV cache.
+
+One engine thread owns the model. Between decode steps it drops cancelled and expired
+sequences (their slots are free at once), admits waiting ones into free slots (prefill, batched
+with right padding), then runs one decode step for every running sequence, each at its own
+position in its own cache slot, with its own sampling parameters. Tokens go back to the asyncio
+side as they are produced. The same code runs on CPU and CUDA: the device is configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cloud.scheduler import Scheduler, SchedulerConfig
+from model.checkpoint import checkpoint_version, load_checkpoint, read_metadata
+from model.generate import sequence_nll
+from model.sampling import make_generator, sample
+from model.textstream import TextStream
+from model.tokenizer import Tokenizer
+from tandem.errors import DeadlineExceeded, InvalidRequest, TandemError, Unavailable
+from tandem.request import GenerationRequest, Limits
+from tandem.serving.engine_api import (
+    Chunk,
+    EngineInfo,
+    EngineLoad,
+    ScoreResult,
+    ServedBy,
+    Timings,
+    Usage,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CloudEngineConfig:
+    checkpoint: Path
+    node_id: str = "cloud-0"
+    device: str = "cpu"
+    # None: bfloat16 on CUDA, float32 on CPU (CPU bf16 matmuls are slow and gain nothing here).
+    dtype: str | None = None
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    # Longest sequence (prompt + generated) a slot holds; None: the model's context.
+    max_context: int | None = None
+    limits: Limits = field(default_factory=Limits)
+    # torch intra-op threads on CPU; None leaves torch's default.
+    threads: int | None = None
+
+
+@dataclass(eq=False)
+class _Sequence:
+    request: GenerationRequest
+    prompt_ids: list[int]
+    stream: TextStream
+    emit: Callable[[Chunk | Exception], None]
+    arrival: float
+    slot: int = -1
+    generator: torch.Generator | None = None
+    generated: list[int] = field(default_factory=list)
+    started: float = 0.0
+    first_token: float = 0.0
+    cancelled: bool = False
+    done: bool = False
+
+    def expired(self, now: float) -> bool:
+        return self.request.deadline is not None and now > self.request.deadline
+
+
+class CloudEngine:
+    """Implements the Engine protocol of tandem/serving/engine_api.py with torch."""
+
+    def __init__(self, config: CloudEngineConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        dtype = config.dtype or ("bfloat16" if self.device.type == "cuda" else "float32")
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.model = load_checkpoint(config.checkpoint, device=self.device, dtype=dtype)
+        self.tokenizer = Tokenizer.from_dir(config.checkpoint)
+        args = self.model.args
+        self.max_context = min(config.max_context or args.max_seq_len, args.max_seq_len)
+        self.cache = self.model.new_cache(config.scheduler.slots, self.max_context)
+        self.eos_id = self.tokenizer.eos_id
+        meta = read_metadata(config.checkpoint)
+        self._info = EngineInfo(
+            served_by=ServedBy("cloud", config.node_id, checkpoint_version(config.checkpoint)),
+            model_name=str(meta.get("name", Path(config.checkpoint).name)),
+            max_context=self.max_context,
+            max_new_tokens=min(config.limits.max_new_tokens, self.max_context - 1),
+            precision=dtype.replace("float", "fp").replace("bfp16", "bf16"),
+        )
+        self.scheduler: Scheduler[_Sequence] = Scheduler(
+            config.scheduler, cost=lambda s: len(s.prompt_ids)
+        )
+        self._jobs: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = deque()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        log.info("cloud engine: %s on %s (%s), %d slots x %d tokens, KV cache %.1f MB",
+                 self._info.served_by.model_version, self.device, dtype,
+                 config.scheduler.slots, self.max_context, self.cache.nbytes / 1e6)
+
+    # ---- Engine protocol ----------------------------------------------------------------
+
+    @property
+    def info(self) -> EngineInfo:
+        return self._info
+
+    def load(self) -> EngineLoad:
+        return EngineLoad(
+            in_flight=len(self.scheduler.running),
+            queue_depth=self.scheduler.queue_depth,
+            slots=self.config.scheduler.slots,
+            queue_capacity=self.config.scheduler.max_queue,
+        )
+
+    async def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="cloud-engine", daemon=True)
+            self._thread.start()
+
+    async def stop(self, grace_s: float) -> None:
+        self.scheduler.close()
+        end = time.monotonic() + grace_s
+        while not self.scheduler.idle and time.monotonic() < end:
+            await asyncio.sleep(0.02)
+        self._stopping = True
+        self.scheduler.wakeup.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10.0)
+            self._thread = None
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        if self._thread is None or self._stopping:
+            raise Unavailable("the cloud engine is not running")
+        ids = self.tokenizer.encode(request.prompt)
+        if len(ids) + request.max_tokens > self.max_context:
+            raise InvalidRequest(
+                f"prompt is {len(ids)} tokens and max_tokens is {request.max_tokens}; together "
+                f"they must fit the context of {self.max_context} tokens: shorten the prompt "
+                "or lower max_tokens"
+            )
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Chunk | Exception] = asyncio.Queue()
+        seq = _Sequence(
+            request=request,
+            prompt_ids=ids,
+            stream=TextStream(self.tokenizer, request.stop),
+            emit=lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),
+            arrival=time.monotonic(),
+        )
+        self.scheduler.submit(seq)  # Overloaded / Unavailable propagate to the servicer
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            if not seq.done:
+                # The client went away (or its deadline passed): free the slot at once.
+                seq.cancelled = True
+                self.scheduler.wakeup.set()
+
+    async def score(self, prompt: str) -> ScoreResult:
+        ids = self.tokenizer.encode(prompt)
+        if len(ids) > self.max_context:
+            raise InvalidRequest(
+                f"prompt is {len(ids)} tokens; the limit is {self.max_context}"
+            )
+        total, n = await self._call_in_engine(lambda: sequence_nll(self.model, ids))
+        return ScoreResult(mean_loss=total / max(1, n), prompt_tokens=len(ids))
+
+    # ---- engine thread ------------------------------------------------------------------
+
+    async def _call_in_engine(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` in the engine thread between steps (the thread owns the model)."""
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._jobs.append((fn, fut))
+        self.scheduler.wakeup.set()
+        return await asyncio.wrap_future(fut)
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while not self._stopping:
+                if self.scheduler.idle and not self._jobs:
+                    self.scheduler.wakeup.wait(timeout=0.1)
+                self.scheduler.wakeup.clear()
+                try:
+                    self._step()
+                except Exception as e:  # a bug: fail the affected requests loudly, keep serving
+                    log.exception("engine step failed")
+                    for slot, seq in list(self.scheduler.running.items()):
+                        self._finish(slot, seq)
+                        seq.emit(TandemError(f"internal error in the cloud engine: {e}"))
+
+    def _step(self) -> None:
+        while self._jobs:
+            fn, fut = self._jobs.popleft()
+            try:
+                fut.set_result(fn())
+            except Exception as e:
+                fut.set_exception(e)
+        self._reap()
+        admitted = self.scheduler.admit()
+        if admitted:
+            self._prefill(admitted)
+        if self.scheduler.running:
+            self._decode()
+
+    def _reap(self) -> None:
+        now = time.monotonic()
+        for slot, seq in list(self.scheduler.running.items()):
+            if seq.cancelled:
+                self._finish(slot, seq)
+            elif seq.expired(now):
+                self._finish(slot, seq)
+                seq.emit(DeadlineExceeded("the request's deadline passed during generation"))
+        for seq in self.scheduler.drop_waiting(lambda s: not s.cancelled and not s.expired(now)):
+            seq.done = True
+            if not seq.cancelled:
+                seq.emit(DeadlineExceeded("the request's deadline passed while it was queued"))
+
+    def _prefill(self, admitted: list[tuple[int, _Sequence]]) -> None:
+        now = time.monotonic()
+        lengths = [len(seq.prompt_ids) for _, seq in admitted]
+        width = max(lengths)
+        # Right padding: pad positions are written past each row's end and masked out; the
+        # row's own later tokens overwrite them before anything attends to them.
+        tokens = torch.zeros((len(admitted), width), dtype=torch.long)
+        for row, (slot, seq) in enumerate(admitted):
+            tokens[row, : lengths[row]] = torch.tensor(seq.prompt_ids)
+            seq.slot, seq.started = slot, now
+            seq.generator = make_generator(seq.request.seed, self.device)
+        seqs = [seq for _, seq in admitted]
+        logits = self.model(
+            tokens.to(self.device),
+            torch.arange(width, device=self.device).expand(len(admitted), width),
+            self.cache,
+            torch.tensor([slot for slot, _ in admitted], device=self.device),
+            kv_len=width,
+            logit_index=torch.tensor(lengths, device=self.device) - 1,
+        )
+        self._emit_tokens(seqs, logits)
+
+    def _decode(self) -> None:
+        seqs = [seq for seq in self.scheduler.running.values() if not seq.done]
+        if not seqs:
+            return
+        positions = [len(s.prompt_ids) + len(s.generated) - 1 for s in seqs]
+        logits = self.model(
+            torch.tensor([[s.generated[-1]] for s in seqs], device=self.device),
+            torch.tensor(positions, device=self.device)[:, None],
+            self.cache,
+            torch.tensor([s.slot for s in seqs], device=self.device),
+            kv_len=max(positions) + 1,
+        )[:, -1]
+        self._emit_tokens(seqs, logits)
+
+    def _emit_tokens(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
+        reqs = [s.request for s in seqs]
+        gens = [s.generator for s in seqs]
+        next_ids = sample(
+            logits,
+            torch.tensor([r.temperature for r in reqs], device=self.device),
+            torch.tensor([r.top_k for r in reqs], device=self.device),
+            torch.tensor([r.top_p for r in reqs], device=self.device),
+            gens if any(g is not None for g in gens) else None,
+        ).tolist()  # the one host synchronisation of the step
+        now = time.monotonic()
+        for seq, token in zip(seqs, next_ids, strict=True):
+            self._append(seq, token, now)
+
+    def _append(self, seq: _Sequence, token: int, now: float) -> None:
+        if not seq.generated:
+            seq.first_token = now
+        seq.generated.append(token)
+        finish: str | None = None
+        if token == self.eos_id:
+            finish, text, ids = "eos", seq.stream.finish(), ()
+        else:
+            text, ids = seq.stream.push(token), (token,)
+            if seq.stream.stopped:
+                finish = "stop"
+            elif (
+                len(seq.generated) >= seq.request.max_tokens
+                or len(seq.prompt_ids) + len(seq.generated) >= self.max_context
+            ):
+                finish = "length"
+                text += seq.stream.finish()
+        if finish is None:
+            seq.emit(Chunk(text, ids))
+            return
+        self._finish(seq.slot, seq)
+        seq.emit(Chunk(
+            text, ids, finish,
+            Usage(len(seq.prompt_ids), len(seq.generated)),
+            Timings(
+                queue_ms=(seq.started - seq.arrival) * 1000,
+                time_to_first_token_ms=(seq.first_token - seq.arrival) * 1000,
+                total_ms=(now - seq.arrival) * 1000,
+            ),
+        ))
+
+    def _finish(self, slot: int, seq: _Sequence) -> None:
+        seq.done = True
+        self.scheduler.release(slot, time.monotonic() - seq.started)

@@ -1,0 +1,52 @@
+"""``tandem cloud``: run the cloud tier."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+from typing import Any
+
+
+def register(groups: Any) -> None:
+    cloud = groups.add_parser("cloud", help="the cloud GPU tier")
+    sub = cloud.add_subparsers(dest="command", metavar="ACTION", required=True)
+    serve = sub.add_parser("serve", help="serve the full model with continuous batching")
+    serve.add_argument("--checkpoint", type=Path, default=None,
+                       help="checkpoint directory (default: the shipped demo cloud model)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=50051)
+    serve.add_argument("--node-id", default="cloud-0")
+    serve.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    serve.add_argument("--dtype", default=None, help="float32, bfloat16 (default per device)")
+    serve.add_argument("--slots", type=int, default=8, help="sequences decoded together")
+    serve.add_argument("--max-queue", type=int, default=64)
+    serve.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    serve.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import torch
+
+    from cloud.engine import CloudEngineConfig
+    from cloud.scheduler import SchedulerConfig
+    from cloud.server import CloudServerConfig, run_cloud_server
+    from model.demo import DEMO_DIR
+    from tandem.serving.grpc_server import ServerConfig
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = CloudServerConfig(
+        engine=CloudEngineConfig(
+            checkpoint=args.checkpoint or DEMO_DIR / "cloud",
+            node_id=args.node_id,
+            device=device,
+            dtype=args.dtype,
+            scheduler=SchedulerConfig(slots=args.slots, max_queue=args.max_queue),
+            threads=args.threads,
+        ),
+        server=ServerConfig(host=args.host, port=args.port),
+    )
+    asyncio.run(run_cloud_server(config))
+    return 0

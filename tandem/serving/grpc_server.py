@@ -99,6 +99,9 @@ def build_server(
     register(server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    # grpc's servicer reports "" as SERVING from the start; nothing is ready before warm-up.
+    for name in ("", *services):
+        health._server_status[name] = health_pb2.HealthCheckResponse.NOT_SERVING
     port = server.add_insecure_port(config.address)
     if port == 0:
         raise OSError(f"could not bind {config.address}")

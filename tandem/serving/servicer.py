@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 IN_FLIGHT_KEY = "tandem-in-flight"
 QUEUE_DEPTH_KEY = "tandem-queue-depth"
 SLOTS_KEY = "tandem-slots"
+QUEUE_CAPACITY_KEY = "tandem-queue-capacity"
 
 
 class EngineServicer:
@@ -40,6 +41,7 @@ class EngineServicer:
             (IN_FLIGHT_KEY, str(load.in_flight)),
             (QUEUE_DEPTH_KEY, str(load.queue_depth)),
             (SLOTS_KEY, str(load.slots)),
+            (QUEUE_CAPACITY_KEY, str(load.queue_capacity)),
         )
 
     async def _request(

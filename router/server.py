@@ -1,0 +1,87 @@
+"""The router's gRPC server: the Inference servicer over a backend pool, with health and drain.
+
+``start_router`` binds the port at once but answers health NOT_SERVING until a first backend is
+healthy (so a load balancer never sends traffic to a router with nothing behind it), then
+SERVING. ``stop`` drains like every Tandem server, then closes the backend channels.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1.health import aio as health_aio
+
+from router.backends import BackendPool
+from router.config import RouterConfig
+from router.policy import RoutingPolicy
+from router.servicer import RouterServicer
+from tandem.errors import Unavailable
+from tandem.serving.grpc_server import (
+    INFERENCE_SERVICE,
+    add_inference_servicer,
+    build_server,
+    drain_and_stop,
+    set_not_serving,
+    set_serving,
+    wait_for_signal,
+)
+
+__all__ = ["RouterConfig", "RouterServer", "run_router", "start_router"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RouterServer:
+    """A running router: its port, backend pool and servicer."""
+
+    server: grpc.aio.Server
+    port: int
+    pool: BackendPool
+    servicer: RouterServicer
+    health: health_aio.HealthServicer
+    config: RouterConfig
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Graceful: NOT_SERVING, refuse new RPCs, drain in-flight ones, close backends."""
+        grace = self.config.server.grace_s if grace_s is None else grace_s
+        await drain_and_stop(self.server, self.health, grace, after_drain=self.pool.close)
+
+
+async def start_router(config: RouterConfig) -> RouterServer:
+    """Start serving; returns once a backend is healthy, raises Unavailable after the timeout."""
+    pool = BackendPool(config.pool)
+    servicer = RouterServicer(pool, RoutingPolicy(config.policy), config)
+    server, port, health = build_server(
+        config.server, lambda s: add_inference_servicer(s, servicer), [INFERENCE_SERVICE]
+    )
+    # grpc's health servicer answers SERVING for "" until told otherwise.
+    await set_not_serving(health, [INFERENCE_SERVICE])
+    await server.start()
+    for address in config.backends:
+        await pool.add(address)
+    if not await pool.wait_ready(config.ready_timeout_s):
+        states = "; ".join(f"{b.address}: {b.last_error}" for b in pool)
+        await server.stop(0)
+        await pool.close()
+        raise Unavailable(
+            f"no backend became healthy within {config.ready_timeout_s:g} s ({states})")
+    await set_serving(health, [INFERENCE_SERVICE])
+    ready = ", ".join(f"{b.tier} {b.label}" for b in pool if b.healthy)
+    log.info("router serving on %s:%d; healthy backends: %s", config.server.host, port, ready)
+    return RouterServer(server, port, pool, servicer, health, config)
+
+
+async def run_router(config: RouterConfig) -> None:
+    """Serve until SIGINT/SIGTERM, then shut down gracefully (the CLI's entry point)."""
+    running = await start_router(config)
+    try:
+        await wait_for_signal()
+    finally:
+        await running.stop()

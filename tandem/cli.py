@@ -8,7 +8,14 @@ import sys
 from collections.abc import Sequence
 
 from tandem import __version__
-from tandem.commands import cloud_cmd, generate_cmd, model_cmd, router_cmd, up_cmd
+from tandem.commands import (
+    cloud_cmd,
+    edge_cmd,
+    generate_cmd,
+    model_cmd,
+    router_cmd,
+    up_cmd,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
     model_cmd.register(groups)
     cloud_cmd.register(groups)
+    edge_cmd.register(groups)
     router_cmd.register(groups)
     up_cmd.register(groups)
     generate_cmd.register(groups)

@@ -37,7 +37,7 @@ def ensure_edge_artifact(home: Path, quantization: str) -> Path:
     """The shipped edge model as an artifact under ``home`` (built once, then reused)."""
     from model.checkpoint import checkpoint_version
     from model.demo import DEMO_DIR
-    from model.manifest import read_manifest
+    from model.manifest import ArtifactIntegrityError, read_manifest
 
     checkpoint = DEMO_DIR / "edge"
     version = checkpoint_version(checkpoint)
@@ -45,7 +45,7 @@ def ensure_edge_artifact(home: Path, quantization: str) -> Path:
     try:
         read_manifest(out)
         return out
-    except (OSError, ValueError):
+    except (OSError, ValueError, ArtifactIntegrityError):
         pass
     from model.export import export_edge_artifact
 

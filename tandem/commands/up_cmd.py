@@ -87,9 +87,10 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(f"  {p.name:<8} {p.address}  (log {p.log_path})", flush=True)
         procs.append(router.start())
         router.wait_healthy(timeout_s=60)
+        where = "" if args.port == 50050 else f" --address {args.host}:{args.port}"
         print(f"\nTandem is up. Router: {args.host}:{args.port}  (logs in {run_dir})\n"
-              f"  tandem generate \"Return a new list\" --stream\n"
-              f"  tandem generate \"Return a new list\" --route cloud\n"
+              f"  tandem generate \"Return a new list\" --stream{where}\n"
+              f"  tandem generate \"Return a new list\" --route cloud{where}\n"
               f"Press Ctrl-C to stop.", flush=True)
         # Children run in their own sessions: the terminal's Ctrl-C reaches only this process,
         # which then drains them in order.

@@ -12,6 +12,7 @@ from tandem.commands import (
     cloud_cmd,
     edge_cmd,
     generate_cmd,
+    keys_cmd,
     model_cmd,
     router_cmd,
     up_cmd,
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     cloud_cmd.register(groups)
     edge_cmd.register(groups)
     router_cmd.register(groups)
+    keys_cmd.register(groups)
     up_cmd.register(groups)
     generate_cmd.register(groups)
     return parser

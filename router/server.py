@@ -2,16 +2,19 @@
 
 ``start_router`` binds the port at once but answers health NOT_SERVING until a first backend is
 healthy (so a load balancer never sends traffic to a router with nothing behind it), then
-SERVING. ``stop`` drains like every Tandem server, then closes the backend channels.
+SERVING. ``stop`` drains like every Tandem server, then closes the backend channels. Metrics
+(``RouterMetrics``: backends' health and load read at scrape time) go to a /metrics side port.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1.health import aio as health_aio
+from prometheus_client import CollectorRegistry
 
 from router.backends import BackendPool
 from router.config import RouterConfig
@@ -27,6 +30,7 @@ from tandem.serving.grpc_server import (
     set_serving,
     wait_for_signal,
 )
+from tandem.serving.metrics import MetricsConfig, MetricsEndpoint, RouterMetrics, serve_metrics
 
 __all__ = ["RouterConfig", "RouterServer", "run_router", "start_router"]
 
@@ -43,6 +47,8 @@ class RouterServer:
     servicer: RouterServicer
     health: health_aio.HealthServicer
     config: RouterConfig
+    metrics: RouterMetrics
+    metrics_endpoint: MetricsEndpoint | None = None
 
     @property
     def address(self) -> str:
@@ -51,16 +57,38 @@ class RouterServer:
     async def stop(self, grace_s: float | None = None) -> None:
         """Graceful: NOT_SERVING, refuse new RPCs, drain in-flight ones, close backends."""
         grace = self.config.server.grace_s if grace_s is None else grace_s
-        await drain_and_stop(self.server, self.health, grace, after_drain=self.pool.close)
+
+        async def after_drain() -> None:
+            await self.pool.close()
+            if self.metrics_endpoint is not None:
+                await asyncio.to_thread(self.metrics_endpoint.stop)
+
+        await drain_and_stop(self.server, self.health, grace, after_drain=after_drain)
 
 
-async def start_router(config: RouterConfig) -> RouterServer:
-    """Start serving; returns once a backend is healthy, raises Unavailable after the timeout."""
+async def start_router(
+    config: RouterConfig,
+    metrics_config: MetricsConfig | None = None,
+    registry: CollectorRegistry | None = None,
+) -> RouterServer:
+    """Start serving; returns once a backend is healthy, raises Unavailable after the timeout.
+
+    ``metrics_config`` (default: no endpoint) says where /metrics is served from ``registry``.
+    """
     pool = BackendPool(config.pool)
+    metrics = RouterMetrics(registry)
     servicer = RouterServicer(pool, RoutingPolicy(config.policy), config)
-    server, port, health = build_server(
-        config.server, lambda s: add_inference_servicer(s, servicer), [INFERENCE_SERVICE]
-    )
+    metrics.watch(pool, in_flight=lambda: servicer.in_flight)
+    endpoint = serve_metrics(metrics.registry, config.server.host,
+                             metrics_config or MetricsConfig())
+    try:
+        server, port, health = build_server(
+            config.server, lambda s: add_inference_servicer(s, servicer), [INFERENCE_SERVICE]
+        )
+    except BaseException:
+        if endpoint is not None:
+            endpoint.stop()
+        raise
     # grpc's health servicer answers SERVING for "" until told otherwise.
     await set_not_serving(health, [INFERENCE_SERVICE])
     await server.start()
@@ -70,17 +98,19 @@ async def start_router(config: RouterConfig) -> RouterServer:
         states = "; ".join(f"{b.address}: {b.last_error}" for b in pool)
         await server.stop(0)
         await pool.close()
+        if endpoint is not None:
+            endpoint.stop()
         raise Unavailable(
             f"no backend became healthy within {config.ready_timeout_s:g} s ({states})")
     await set_serving(health, [INFERENCE_SERVICE])
     ready = ", ".join(f"{b.tier} {b.label}" for b in pool if b.healthy)
     log.info("router serving on %s:%d; healthy backends: %s", config.server.host, port, ready)
-    return RouterServer(server, port, pool, servicer, health, config)
+    return RouterServer(server, port, pool, servicer, health, config, metrics, endpoint)
 
 
-async def run_router(config: RouterConfig) -> None:
+async def run_router(config: RouterConfig, metrics_config: MetricsConfig | None = None) -> None:
     """Serve until SIGINT/SIGTERM, then shut down gracefully (the CLI's entry point)."""
-    running = await start_router(config)
+    running = await start_router(config, metrics_config)
     try:
         await wait_for_signal()
     finally:

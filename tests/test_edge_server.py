@@ -153,7 +153,8 @@ async def test_stream_concatenates_to_the_unary_text(edge: Served) -> None:
     resp = await stub.Generate(req, timeout=TIMEOUT)
     call = stub.GenerateStream(req, timeout=TIMEOUT)
     chunks = [c async for c in call]
-    assert len(chunks) > 1  # streamed as produced, not in one piece
+    # How many chunks depends on timing (tokens produced while the reader is behind travel
+    # together); that the stream is incremental is shown by the cancel and drain tests.
     assert "".join(c.text for c in chunks) == resp.text
     assert [t for c in chunks for t in c.token_ids] == list(resp.token_ids)
     assert chunks[0].served_by.tier == pb.TIER_EDGE

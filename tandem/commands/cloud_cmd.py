@@ -7,6 +7,9 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+# Off the ports node_exporter (9100) and friends hold on the same hosts.
+METRICS_PORT = 9191
+
 
 def register(groups: Any) -> None:
     cloud = groups.add_parser("cloud", help="the cloud GPU tier")
@@ -22,6 +25,10 @@ def register(groups: Any) -> None:
     serve.add_argument("--slots", type=int, default=8, help="sequences decoded together")
     serve.add_argument("--max-queue", type=int, default=64)
     serve.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    serve.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                       help=f"Prometheus /metrics port on --host (default {METRICS_PORT}, or "
+                            "any free port if it is taken; 0: any free port)")
+    serve.add_argument("--no-metrics", action="store_true", help="export no metrics")
     serve.set_defaults(func=cmd_serve)
 
 
@@ -33,6 +40,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cloud.server import CloudServerConfig, run_cloud_server
     from model.demo import DEMO_DIR
     from tandem.serving.grpc_server import ServerConfig
+    from tandem.serving.metrics import MetricsConfig
 
     device = args.device
     if device == "auto":
@@ -47,6 +55,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             threads=args.threads,
         ),
         server=ServerConfig(host=args.host, port=args.port),
+        metrics=MetricsConfig.from_flags(args.metrics_port, METRICS_PORT, args.no_metrics),
     )
     asyncio.run(run_cloud_server(config))
     return 0

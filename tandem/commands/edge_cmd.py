@@ -11,6 +11,9 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+# Off the ports node_exporter (9100) and friends hold on the same hosts.
+METRICS_PORT = 9192
+
 
 def register(groups: Any) -> None:
     edge = groups.add_parser("edge", help="an edge node (ONNX Runtime on CPU)")
@@ -33,6 +36,10 @@ def register(groups: Any) -> None:
                        help="ONNX Runtime intra-op threads (default: one per core)")
     serve.add_argument("--grace", type=float, default=10.0,
                        help="seconds in-flight requests get to finish on shutdown")
+    serve.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                       help=f"Prometheus /metrics port on --host (default {METRICS_PORT}, or "
+                            "any free port if it is taken; 0: any free port)")
+    serve.add_argument("--no-metrics", action="store_true", help="export no metrics")
     serve.set_defaults(func=cmd_serve)
 
 
@@ -40,6 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from edge.engine import EdgeEngineConfig
     from edge.server import EdgeServerConfig, run_edge_server
     from tandem.serving.grpc_server import ServerConfig
+    from tandem.serving.metrics import MetricsConfig
 
     if not args.artifact.exists():
         if args.export_from is None:
@@ -57,6 +65,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             threads=args.threads,
         ),
         server=ServerConfig(host=args.host, port=args.port, grace_s=args.grace),
+        metrics=MetricsConfig.from_flags(args.metrics_port, METRICS_PORT, args.no_metrics),
     )
     asyncio.run(run_edge_server(config))
     return 0

@@ -7,6 +7,9 @@ import asyncio
 import logging
 from typing import Any
 
+# Off the ports node_exporter (9100) and friends hold on the same hosts.
+METRICS_PORT = 9190
+
 
 def register(groups: Any) -> None:
     router = groups.add_parser("router", help="the adaptive router (one endpoint, both tiers)")
@@ -25,6 +28,10 @@ def register(groups: Any) -> None:
                        help="edge loss on its own answer above which it escalates (default 1.5)")
     serve.add_argument("--ready-timeout", type=float, default=60.0,
                        help="seconds to wait for a first healthy backend")
+    serve.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                       help=f"Prometheus /metrics port on --host (default {METRICS_PORT}, or "
+                            "any free port if it is taken; 0: any free port)")
+    serve.add_argument("--no-metrics", action="store_true", help="export no metrics")
     serve.set_defaults(func=cmd_serve)
 
 
@@ -35,6 +42,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from router.server import RouterConfig, run_router
     from tandem.errors import TandemError
     from tandem.serving.grpc_server import ServerConfig
+    from tandem.serving.metrics import MetricsConfig
 
     overrides: dict[str, Any] = {"cascade": args.cascade}
     if args.difficulty_threshold is not None:
@@ -49,7 +57,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ready_timeout_s=args.ready_timeout,
     )
     try:
-        asyncio.run(run_router(config))
+        asyncio.run(run_router(
+            config, MetricsConfig.from_flags(args.metrics_port, METRICS_PORT, args.no_metrics)))
     except TandemError as e:
         # No healthy backend in time: one line, no traceback (a supervisor will restart us).
         logging.getLogger("tandem.router").error("router: %s", e.message)

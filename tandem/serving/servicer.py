@@ -2,7 +2,8 @@
 
 Thin on purpose (the Flower SuperLink servicer is the model): validate, call the engine, map
 each TandemError to its status once. Every response carries the engine's load in trailing
-metadata so routers learn it without polling.
+metadata so routers learn it without polling. Every RPC is counted with its final status, and
+generations with the timings and usage of their last chunk (``ServingMetrics``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
+from prometheus_client import CollectorRegistry
 
 from protos.tandem.v1 import inference_pb2 as pb
 from tandem.errors import InvalidRequest, TandemError
@@ -19,6 +21,7 @@ from tandem.request import GenerationRequest, Limits
 from tandem.serving import convert
 from tandem.serving.engine_api import Chunk, Engine
 from tandem.serving.grpc_server import Undecodable, abort
+from tandem.serving.metrics import ServingMetrics
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +34,12 @@ QUEUE_CAPACITY_KEY = "tandem-queue-capacity"
 class EngineServicer:
     """Serves one engine (cloud or edge) behind the shared Inference API."""
 
-    def __init__(self, engine: Engine, limits: Limits) -> None:
+    def __init__(self, engine: Engine, limits: Limits,
+                 metrics: ServingMetrics | None = None) -> None:
         self.engine = engine
         self.limits = limits
+        # A private registry when none is given: the servicer never needs to ask "if metrics".
+        self.metrics = metrics or ServingMetrics(CollectorRegistry(), engine)
 
     def load_trailers(self) -> tuple[tuple[str, str], ...]:
         load = self.engine.load()
@@ -62,56 +68,66 @@ class EngineServicer:
     async def Generate(
         self, request: pb.GenerateRequest | Undecodable, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
-        req = await self._request(request, context)
-        chunks: list[Chunk] = []
-        try:
-            async for chunk in self.engine.generate(req):
-                chunks.append(chunk)
-        except TandemError as e:
-            await abort(context, e, self.load_trailers())
-        context.set_trailing_metadata(self.load_trailers())
-        return convert.response_from_chunks(
-            chunks, served_by=self.engine.info.served_by, request_id=req.request_id
-        )
+        with self.metrics.track("Generate", context) as rpc:
+            req = await self._request(request, context)
+            rpc.route = req.route
+            chunks: list[Chunk] = []
+            try:
+                async for chunk in self.engine.generate(req):
+                    chunks.append(chunk)
+            except TandemError as e:
+                await abort(context, e, self.load_trailers())
+            context.set_trailing_metadata(self.load_trailers())
+            if chunks:
+                rpc.finished(chunks[-1])
+            return convert.response_from_chunks(
+                chunks, served_by=self.engine.info.served_by, request_id=req.request_id
+            )
 
     async def GenerateStream(
         self, request: pb.GenerateRequest | Undecodable, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateChunk]:
-        req = await self._request(request, context)
-        served_by = self.engine.info.served_by
-        first = True
-        try:
-            async for chunk in self.engine.generate(req):
-                yield convert.chunk_to_proto(
-                    chunk, served_by=served_by, request_id=req.request_id, first=first
-                )
-                first = False
-        except TandemError as e:
-            await abort(context, e, self.load_trailers())
-        context.set_trailing_metadata(self.load_trailers())
+        with self.metrics.track("GenerateStream", context) as rpc:
+            req = await self._request(request, context)
+            rpc.route = req.route
+            served_by = self.engine.info.served_by
+            first = True
+            try:
+                async for chunk in self.engine.generate(req):
+                    yield convert.chunk_to_proto(
+                        chunk, served_by=served_by, request_id=req.request_id, first=first
+                    )
+                    first = False
+                    if chunk.finish_reason is not None:
+                        rpc.finished(chunk)
+            except TandemError as e:
+                await abort(context, e, self.load_trailers())
+            context.set_trailing_metadata(self.load_trailers())
 
     async def Score(
         self, request: pb.ScoreRequest | Undecodable, context: grpc.aio.ServicerContext
     ) -> pb.ScoreResponse:
-        try:
-            if isinstance(request, Undecodable) or not request.prompt.strip():
-                raise InvalidRequest("prompt must be non-empty UTF-8 text")
-            if len(request.prompt.encode()) > self.limits.max_prompt_bytes:
-                raise InvalidRequest(
-                    f"prompt is over the limit of {self.limits.max_prompt_bytes} bytes"
-                )
-            result = await self.engine.score(request.prompt)
-        except TandemError as e:
-            await abort(context, e, self.load_trailers())
-        context.set_trailing_metadata(self.load_trailers())
-        return pb.ScoreResponse(
-            mean_loss=result.mean_loss,
-            prompt_tokens=result.prompt_tokens,
-            served_by=convert.served_by_to_proto(self.engine.info.served_by),
-        )
+        with self.metrics.track("Score", context):
+            try:
+                if isinstance(request, Undecodable) or not request.prompt.strip():
+                    raise InvalidRequest("prompt must be non-empty UTF-8 text")
+                if len(request.prompt.encode()) > self.limits.max_prompt_bytes:
+                    raise InvalidRequest(
+                        f"prompt is over the limit of {self.limits.max_prompt_bytes} bytes"
+                    )
+                result = await self.engine.score(request.prompt)
+            except TandemError as e:
+                await abort(context, e, self.load_trailers())
+            context.set_trailing_metadata(self.load_trailers())
+            return pb.ScoreResponse(
+                mean_loss=result.mean_loss,
+                prompt_tokens=result.prompt_tokens,
+                served_by=convert.served_by_to_proto(self.engine.info.served_by),
+            )
 
     async def Info(
         self, request: pb.InfoRequest | Undecodable, context: grpc.aio.ServicerContext
     ) -> pb.InfoResponse:
-        context.set_trailing_metadata(self.load_trailers())
-        return convert.info_to_proto(self.engine.info)
+        with self.metrics.track("Info", context):
+            context.set_trailing_metadata(self.load_trailers())
+            return convert.info_to_proto(self.engine.info)

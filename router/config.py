@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from router.backends import PoolConfig
+from router.frontdoor import FrontDoorConfig
 from router.policy import PolicyConfig
 from tandem.request import Limits
 from tandem.serving.grpc_server import ServerConfig
@@ -35,6 +36,8 @@ class RouterConfig:
     # Longest wait for a backend's first token while another candidate could still answer.
     first_token_timeout_s: float = 30.0
     on_escalation: EscalationHook | None = None
+    # API keys, rate limits and the response cache (Redis-backed when redis_url is set).
+    front_door: FrontDoorConfig = field(default_factory=FrontDoorConfig)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "backends", tuple(self.backends))

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from router.backends import BackendPool
 from router.config import RouterConfig
+from router.frontdoor import FrontDoor
 from router.policy import RoutingPolicy
 from router.servicer import RouterServicer
 from tandem.errors import Unavailable
@@ -60,6 +61,7 @@ class RouterServer:
 
         async def after_drain() -> None:
             await self.pool.close()
+            await self.servicer.front.close()
             if self.metrics_endpoint is not None:
                 await asyncio.to_thread(self.metrics_endpoint.stop)
 
@@ -77,13 +79,15 @@ async def start_router(
     """
     pool = BackendPool(config.pool)
     metrics = RouterMetrics(registry)
-    servicer = RouterServicer(pool, RoutingPolicy(config.policy), config)
+    front = FrontDoor(config.front_door)
+    servicer = RouterServicer(pool, RoutingPolicy(config.policy), config, metrics, front)
     metrics.watch(pool, in_flight=lambda: servicer.in_flight)
     endpoint = serve_metrics(metrics.registry, config.server.host,
                              metrics_config or MetricsConfig())
     try:
         server, port, health = build_server(
-            config.server, lambda s: add_inference_servicer(s, servicer), [INFERENCE_SERVICE]
+            config.server, lambda s: add_inference_servicer(s, servicer), [INFERENCE_SERVICE],
+            interceptors=front.interceptors(),
         )
     except BaseException:
         if endpoint is not None:

@@ -20,13 +20,17 @@ import grpc
 
 from protos.tandem.v1 import inference_pb2 as pb
 from router.backends import Backend, BackendPool
+from router.cache import cacheable
 from router.config import RouterConfig
+from router.frontdoor import FrontDoor, cache_versions, replay
+from router.keys import current_key
 from router.policy import CLOUD, EDGE, BackendSnapshot, Decision, RequestView, RoutingPolicy
 from router.relay import RelayOutcome, RelayTimeouts, relay, score_on
 from tandem.errors import InvalidRequest, TandemError, Unavailable
 from tandem.request import GenerationRequest
 from tandem.serving import convert
 from tandem.serving.grpc_server import Undecodable, abort
+from tandem.serving.metrics import RouterMetrics, RpcRecord
 from tandem.serving.servicer import IN_FLIGHT_KEY, QUEUE_DEPTH_KEY, SLOTS_KEY
 
 log = logging.getLogger(__name__)
@@ -35,8 +39,13 @@ log = logging.getLogger(__name__)
 class RouterServicer:
     """Serves tandem.v1.Inference by routing each request to an edge node or the cloud."""
 
-    def __init__(self, pool: BackendPool, policy: RoutingPolicy, config: RouterConfig) -> None:
+    def __init__(self, pool: BackendPool, policy: RoutingPolicy, config: RouterConfig,
+                 metrics: RouterMetrics | None = None, front: FrontDoor | None = None) -> None:
         self.pool = pool
+        # Keys, limits and the cache; without Redis only the local cache is on.
+        self.front = front or FrontDoor(config.front_door)
+        # A private registry when none is given: call sites never ask "if metrics".
+        self.metrics = metrics or RouterMetrics()
         self.policy = policy
         self.config = config
         self.timeouts = RelayTimeouts(config.first_token_timeout_s,
@@ -59,22 +68,27 @@ class RouterServicer:
     ) -> pb.GenerateResponse:
         self.in_flight += 1
         try:
-            req = await self._request(request, context)
-            chunks: list[pb.GenerateChunk] = []
-            try:
-                # Buffered: nothing reaches the client before the answer is whole, so a backend
-                # failing at any point may still fail over.
-                async for chunk in self._generate(req, self._deadline(context), buffered=True):
-                    chunks.append(chunk)
-            except TandemError as e:
-                await abort(context, e, self.load_trailers())
-            context.set_trailing_metadata(self.load_trailers())
-            first = chunks[0]
-            return convert.response_from_chunks(
-                [convert.chunk_from_proto(c) for c in chunks],
-                served_by=convert.served_by_from_proto(first.served_by),
-                request_id=req.request_id, route_reason=first.route_reason, cached=first.cached,
-            )
+            with self.metrics.track("Generate", context) as rpc:
+                req = await self._request(request, context)
+                rpc.route = req.route
+                chunks: list[pb.GenerateChunk] = []
+                try:
+                    # Buffered: nothing reaches the client before the answer is whole, so a
+                    # backend failing at any point may still fail over.
+                    async for chunk in self._generate(req, self._deadline(context),
+                                                      buffered=True):
+                        chunks.append(chunk)
+                        record_chunk(rpc, chunk)
+                except TandemError as e:
+                    await abort(context, e, self.load_trailers())
+                context.set_trailing_metadata(self.load_trailers())
+                first = chunks[0]
+                return convert.response_from_chunks(
+                    [convert.chunk_from_proto(c) for c in chunks],
+                    served_by=convert.served_by_from_proto(first.served_by),
+                    request_id=req.request_id, route_reason=first.route_reason,
+                    cached=first.cached,
+                )
         finally:
             self.in_flight -= 1
 
@@ -83,13 +97,17 @@ class RouterServicer:
     ) -> AsyncIterator[pb.GenerateChunk]:
         self.in_flight += 1
         try:
-            req = await self._request(request, context)
-            try:
-                async for chunk in self._generate(req, self._deadline(context), buffered=False):
-                    yield chunk
-            except TandemError as e:
-                await abort(context, e, self.load_trailers())
-            context.set_trailing_metadata(self.load_trailers())
+            with self.metrics.track("GenerateStream", context) as rpc:
+                req = await self._request(request, context)
+                rpc.route = req.route
+                try:
+                    async for chunk in self._generate(req, self._deadline(context),
+                                                      buffered=False):
+                        record_chunk(rpc, chunk)
+                        yield chunk
+                except TandemError as e:
+                    await abort(context, e, self.load_trailers())
+                context.set_trailing_metadata(self.load_trailers())
         finally:
             self.in_flight -= 1
 
@@ -99,21 +117,22 @@ class RouterServicer:
         """Forward to an edge node: difficulty is the edge model's loss."""
         self.in_flight += 1
         try:
-            try:
-                if isinstance(request, Undecodable) or not request.prompt.strip():
-                    raise InvalidRequest("prompt must be non-empty UTF-8 text")
-                limit = self.config.limits.max_prompt_bytes
-                if len(request.prompt.encode()) > limit:
-                    raise InvalidRequest(f"prompt is over the limit of {limit} bytes")
-                scorers = self._backends(self.policy.scorers(self.pool.snapshots()))
-                if not scorers:
-                    raise Unavailable("no healthy edge node to score the prompt; retry later")
-                resp, _ = await score_on(scorers, request.prompt, self._deadline(context),
-                                         self.timeouts, self.config.policy.max_attempts)
-            except TandemError as e:
-                await abort(context, e, self.load_trailers())
-            context.set_trailing_metadata(self.load_trailers())
-            return resp
+            with self.metrics.track("Score", context):
+                try:
+                    if isinstance(request, Undecodable) or not request.prompt.strip():
+                        raise InvalidRequest("prompt must be non-empty UTF-8 text")
+                    limit = self.config.limits.max_prompt_bytes
+                    if len(request.prompt.encode()) > limit:
+                        raise InvalidRequest(f"prompt is over the limit of {limit} bytes")
+                    scorers = self._backends(self.policy.scorers(self.pool.snapshots()))
+                    if not scorers:
+                        raise Unavailable("no healthy edge node to score the prompt; retry later")
+                    resp, _ = await score_on(scorers, request.prompt, self._deadline(context),
+                                             self.timeouts, self.config.policy.max_attempts)
+                except TandemError as e:
+                    await abort(context, e, self.load_trailers())
+                context.set_trailing_metadata(self.load_trailers())
+                return resp
         finally:
             self.in_flight -= 1
 
@@ -124,6 +143,7 @@ class RouterServicer:
         infos = sorted((b.info for b in self.pool if b.info is not None),
                        key=lambda i: (i.served_by.tier != CLOUD, -i.max_context))
         main = infos[0] if infos else None
+        self.metrics.observe_request("none", "router", "OK", method="Info")
         context.set_trailing_metadata(self.load_trailers(own=0))
         return pb.InfoResponse(
             served_by=pb.ServedBy(tier=pb.TIER_ROUTER, node_id=self.config.node_id,
@@ -165,25 +185,32 @@ class RouterServicer:
     async def _generate(
         self, req: GenerationRequest, deadline: float, *, buffered: bool
     ) -> AsyncIterator[pb.GenerateChunk]:
-        """Decide, relay (or cascade), and log one line with the signals that decided."""
+        """Rate-limit, answer from the cache or route (logging what decided), remember."""
         started = time.monotonic()
         record: dict[str, Any] = {"id": req.request_id}
+        key = current_key()
         try:
-            decision, score = await self._decide(req, deadline, record)
-            record["reason"] = decision.reason
-            msg = convert.request_to_proto(req)
-            if decision.cascade:
-                async for chunk in self._cascade(req, msg, decision, score, deadline, buffered,
-                                                 record):
-                    yield chunk
-                return
-            outcome = RelayOutcome()
-            async for chunk in relay(self._backends(decision.candidates), msg, deadline, outcome,
-                                     buffered=buffered, timeouts=self.timeouts):
-                if chunk.HasField("served_by"):
-                    chunk.route_reason = record["reason"] = outcome.reason(decision.reason)
+            try:
+                await self.front.admit(req, key)
+            except TandemError:
+                self.metrics.rate_limited(key.tier if key else "anonymous")
+                raise
+            if cacheable(req) and self.front.config.cache.enabled:
+                versions = cache_versions(self.pool.snapshots(), req.route)
+                hit = await self.front.lookup(req, versions)
+                if hit is not None:
+                    self.metrics.cache_hit()
+                    record["reason"] = "cache hit"
+                    async for chunk in replay(hit, req, started):
+                        yield chunk
+                    return
+                self.metrics.cache_miss()
+            answer: list[pb.GenerateChunk] = []
+            async for chunk in self._route(req, deadline, buffered, record):
+                if cacheable(req):
+                    answer.append(chunk)
                 yield chunk
-            record["served_by"] = outcome.backend.label if outcome.backend else None
+            await self.front.store(req, answer)
         except TandemError as e:
             record["error"] = f"{e.status}: {e.message}"
             raise
@@ -191,6 +218,26 @@ class RouterServicer:
             if log.isEnabledFor(logging.DEBUG):
                 record["ms"] = round((time.monotonic() - started) * 1000, 1)
                 log.debug("route %s", json.dumps(record, default=str))
+
+    async def _route(
+        self, req: GenerationRequest, deadline: float, buffered: bool, record: dict[str, Any]
+    ) -> AsyncIterator[pb.GenerateChunk]:
+        """Decide, then relay (or cascade); the signals that decided go into ``record``."""
+        decision, score = await self._decide(req, deadline, record)
+        record["reason"] = decision.reason
+        msg = convert.request_to_proto(req)
+        if decision.cascade:
+            async for chunk in self._cascade(req, msg, decision, score, deadline, buffered,
+                                             record):
+                yield chunk
+            return
+        outcome = RelayOutcome()
+        async for chunk in relay(self._backends(decision.candidates), msg, deadline, outcome,
+                                 buffered=buffered, timeouts=self.timeouts):
+            if chunk.HasField("served_by"):
+                chunk.route_reason = record["reason"] = outcome.reason(decision.reason)
+            yield chunk
+        record["served_by"] = outcome.backend.label if outcome.backend else None
 
     async def _decide(
         self, req: GenerationRequest, deadline: float, record: dict[str, Any]
@@ -269,6 +316,7 @@ class RouterServicer:
                     words += f"; escalation failed ({e.status}), kept the edge answer"
                 else:
                     record["served_by"] = up.backend.label if up.backend else None
+                    self.metrics.escalation()
                     await self._escalated(req, answer, "".join(texts))
                     return
         reason = first.reason(f"cascade: {words} -> {edge.tier} {edge.label}" if words
@@ -312,3 +360,11 @@ class RouterServicer:
                 await result
         except Exception:  # the client's answer must not depend on the hook
             log.exception("on_escalation hook failed for %s", req.request_id)
+
+
+def record_chunk(rpc: RpcRecord, chunk: pb.GenerateChunk) -> None:
+    """Book a chunk sent to the client: time to first token, tokens, who served (or cache)."""
+    tier = None
+    if chunk.HasField("served_by"):
+        tier = "cache" if chunk.cached else convert.TIER_NAMES.get(chunk.served_by.tier)
+    rpc.sent(len(chunk.token_ids), tier)

@@ -42,6 +42,7 @@ class ManagedProcess:
     argv: Sequence[str]
     log_path: Path
     address: str | None = None
+    metrics_url: str | None = None
     env: dict[str, str] | None = None
     cpus: Sequence[int] | None = None
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -103,23 +104,45 @@ def test_tandem_up_and_generate(tmp_path: Path) -> None:
     """The README's demo: `tandem up` in one terminal, `tandem generate` in another."""
     port = free_port()
     env = {**os.environ, "TANDEM_HOME": str(tmp_path)}
+    env.pop("TANDEM_API_KEY", None)
     log = tmp_path / "up.log"
     with open(log, "wb") as out:
         up = subprocess.Popen(tandem_argv("up", "--port", str(port)), stdout=out,
                               stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def generate(*extra: str, key: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "tandem.cli", "generate", EASY, "--max-tokens", "12",
+             "--address", f"127.0.0.1:{port}", *extra],
+            capture_output=True, text=True, timeout=60, check=False,
+            env={**env, **({"TANDEM_API_KEY": key} if key else {})},
+        )
+
     try:
         end = time.monotonic() + 240
         while "Tandem is up" not in log.read_text():
             assert up.poll() is None, log.read_text()
             assert time.monotonic() < end, log.read_text()
             time.sleep(0.2)
-        gen = subprocess.run(
-            [sys.executable, "-m", "tandem.cli", "generate", EASY, "--stream", "--max-tokens",
-             "12", "--address", f"127.0.0.1:{port}"],
-            capture_output=True, text=True, timeout=60, check=False,
-        )
-        assert gen.returncode == 0, gen.stderr
-        assert "served by" in gen.stderr and gen.stdout.strip()
+        text = log.read_text()
+        key = next(line.split("=", 1)[1] for line in text.splitlines()
+                   if "export TANDEM_API_KEY=" in line)
+        denied = generate()
+        assert denied.returncode == 1 and "UNAUTHENTICATED" in denied.stderr
+        streamed = generate("--stream", key=key)
+        assert streamed.returncode == 0, streamed.stderr
+        assert "served by" in streamed.stderr and streamed.stdout.strip()
+        # Greedy twice: the second answer comes from the response cache.
+        first = generate("--temperature", "0", key=key)
+        again = generate("--temperature", "0", key=key)
+        assert first.stdout == again.stdout and "from cache" in again.stderr, again.stderr
+        # Every server's metrics endpoint answers (what `curl` on each port shows).
+        urls = [line.split("metrics ", 1)[1].split()[0] for line in text.splitlines()
+                if " metrics http" in line]
+        assert len(urls) == 4
+        for url in urls:
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                assert b"tandem_" in resp.read()
     finally:
         os.killpg(up.pid, signal.SIGINT)
         assert up.wait(60) == 0, log.read_text()

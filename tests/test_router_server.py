@@ -22,7 +22,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos.tandem.v1 import inference_pb2 as pb
 from protos.tandem.v1 import inference_pb2_grpc as pb_grpc
 from router.backends import PoolConfig
+from router.cache import CacheConfig
 from router.circuit import CircuitConfig
+from router.frontdoor import FrontDoorConfig
 from router.policy import PolicyConfig
 from router.server import RouterConfig, RouterServer, start_router
 from tandem.errors import Overloaded, Unavailable
@@ -172,6 +174,8 @@ async def cluster(
                             circuit=CircuitConfig(failure_threshold=3, cooloff_s=30.0)),
             ready_timeout_s=5.0,
             on_escalation=lambda *args: escalations.append(args),
+            # Routing is under test here, so the same request must reach a backend every time.
+            front_door=FrontDoorConfig(cache=CacheConfig(enabled=False)),
             **router_kw,
         )
         router = await start_router(config)

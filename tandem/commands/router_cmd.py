@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 # Off the ports node_exporter (9100) and friends hold on the same hosts.
@@ -32,13 +34,33 @@ def register(groups: Any) -> None:
                        help=f"Prometheus /metrics port on --host (default {METRICS_PORT}, or "
                             "any free port if it is taken; 0: any free port)")
     serve.add_argument("--no-metrics", action="store_true", help="export no metrics")
+    door = serve.add_argument_group("front door (API keys, rate limits, response cache)")
+    door.add_argument("--redis-url", default=os.environ.get("TANDEM_REDIS_URL"),
+                      help="shared Redis for keys, token buckets and the cache (env "
+                           "TANDEM_REDIS_URL); without it keys and limits are off and the cache "
+                           "is this router's own")
+    door.add_argument("--no-auth", action="store_true",
+                      help="serve without API keys (development only)")
+    door.add_argument("--no-rate-limit", action="store_true")
+    door.add_argument("--no-cache", action="store_true")
+    door.add_argument("--on-redis-error", choices=("open", "closed"), default="open",
+                      help="rate limiting while Redis is down: open serves on a local bucket "
+                           "and logs loudly, closed refuses (default open)")
+    door.add_argument("--tokenizer", type=Path, default=None,
+                      help="tokenizer directory to count prompt tokens for the rate-limit cost "
+                           "(default: the demo model's)")
     serve.set_defaults(func=cmd_serve)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from model.demo import DEMO_DIR
+    from router.cache import CacheConfig
+    from router.frontdoor import FrontDoorConfig
+    from router.keys import AuthConfig
     from router.policy import PolicyConfig
+    from router.ratelimit import RateLimitConfig
     from router.server import RouterConfig, run_router
     from tandem.errors import TandemError
     from tandem.serving.grpc_server import ServerConfig
@@ -55,6 +77,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         policy=dataclasses.replace(PolicyConfig(), **overrides),
         node_id=args.node_id,
         ready_timeout_s=args.ready_timeout,
+        front_door=FrontDoorConfig(
+            redis_url=args.redis_url,
+            auth=AuthConfig(enabled=bool(args.redis_url) and not args.no_auth,
+                            pepper=os.environ.get("TANDEM_API_KEY_PEPPER", "").encode() or None),
+            rate_limit=None if args.no_rate_limit else RateLimitConfig(
+                on_redis_error=args.on_redis_error),
+            cache=CacheConfig(enabled=not args.no_cache),
+            tokenizer_dir=args.tokenizer or DEMO_DIR / "edge",
+        ),
     )
     try:
         asyncio.run(run_router(

@@ -1,4 +1,4 @@
-"""``tandem up``: a whole Tandem on one machine — cloud tier, two edge nodes, a router.
+"""``tandem up``: a whole Tandem on one machine — cloud tier, two edge nodes, a router, Redis.
 
 Each server runs as its own process (as in a deployment), started with the demo model pair;
 the edge artifact is built once from the shipped edge checkpoint when it is missing. Ctrl-C
@@ -30,6 +30,9 @@ def register(groups: Any) -> None:
                     help="where artifacts and logs go (env TANDEM_HOME, default ~/.tandem)")
     up.add_argument("--device", default="auto", help="the cloud tier's device")
     up.add_argument("--cascade", action="store_true", help="router cascade mode")
+    up.add_argument("--redis-url", default=None,
+                    help="use this Redis (default: start one for this run)")
+    up.add_argument("--no-auth", action="store_true", help="serve without API keys")
     up.set_defaults(func=cmd_up)
 
 
@@ -54,41 +57,76 @@ def ensure_edge_artifact(home: Path, quantization: str) -> Path:
     return out
 
 
+def create_demo_key(redis_url: str) -> str:
+    """A fresh API key named "demo" (standard tier, every route); returns the secret."""
+    import asyncio
+
+    from router.keys import KeyStore
+    from router.ratelimit import redis_client
+
+    async def create() -> str:
+        client = redis_client(redis_url, timeout_s=2.0)
+        try:
+            _, secret = await KeyStore(client).create("demo", tier="standard")
+            return secret
+        finally:
+            await client.aclose()
+
+    return asyncio.run(create())
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from tandem.launcher import ManagedProcess, free_port, stop_all, tandem_argv
+    from tandem.redis_server import RedisServer
 
     home = args.home or default_home()
     run_dir = home / "up" / time.strftime("%Y%m%d-%H%M%S")
     artifact = ensure_edge_artifact(home, args.quantization)
-    cloud_port = free_port()
-    procs: list[ManagedProcess] = [ManagedProcess(
-        "cloud", tandem_argv("cloud", "serve", "--port", str(cloud_port), "--device", args.device),
-        run_dir / "cloud.log", address=f"127.0.0.1:{cloud_port}",
-    )]
-    for i in range(1, args.edges + 1):
-        port = free_port()
-        procs.append(ManagedProcess(
-            f"edge-{i}",
-            tandem_argv("edge", "serve", "--artifact", str(artifact), "--port", str(port),
-                        "--node-id", f"edge-{i}", "--threads", "1"),
-            run_dir / f"edge-{i}.log", address=f"127.0.0.1:{port}",
-        ))
+    redis = None
+    redis_url = args.redis_url
+    if redis_url is None:
+        redis = RedisServer(run_dir / "redis").start()
+        redis_url = redis.url
+
+    def server(name: str, *argv: str) -> ManagedProcess:
+        port, metrics = free_port(), free_port()
+        return ManagedProcess(
+            name, tandem_argv(*argv, "--port", str(port), "--metrics-port", str(metrics)),
+            run_dir / f"{name}.log", address=f"127.0.0.1:{port}",
+            metrics_url=f"http://127.0.0.1:{metrics}/metrics",
+        )
+
+    procs = [server("cloud", "cloud", "serve", "--device", args.device)]
+    procs += [server(f"edge-{i}", "edge", "serve", "--artifact", str(artifact), "--node-id",
+                     f"edge-{i}", "--threads", "1") for i in range(1, args.edges + 1)]
     backends = [arg for p in procs for arg in ("--backend", p.address or "")]
-    router_cmd = ["router", "serve", "--host", args.host, "--port", str(args.port), *backends]
-    if args.cascade:
-        router_cmd.append("--cascade")
-    router = ManagedProcess("router", tandem_argv(*router_cmd), run_dir / "router.log",
-                            address=f"127.0.0.1:{args.port}")
+    router_argv = ["router", "serve", "--host", args.host, *backends, "--redis-url", redis_url]
+    router_argv += ["--cascade"] if args.cascade else []
+    router_argv += ["--no-auth"] if args.no_auth else []
+    metrics_port = free_port()
+    router = ManagedProcess(
+        "router", tandem_argv(*router_argv, "--port", str(args.port), "--metrics-port",
+                              str(metrics_port)),
+        run_dir / "router.log", address=f"127.0.0.1:{args.port}",
+        metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
+    )
     try:
+        key = None if args.no_auth else create_demo_key(redis_url)
         for p in procs:
             p.start()
         for p in procs:
             p.wait_healthy(timeout_s=180)
-            print(f"  {p.name:<8} {p.address}  (log {p.log_path})", flush=True)
         procs.append(router.start())
         router.wait_healthy(timeout_s=60)
+        print(f"  redis    {redis_url}", flush=True)
+        for p in procs:
+            print(f"  {p.name:<8} {p.address}  metrics {p.metrics_url}  (log {p.log_path})",
+                  flush=True)
         where = "" if args.port == 50050 else f" --address {args.host}:{args.port}"
-        print(f"\nTandem is up. Router: {args.host}:{args.port}  (logs in {run_dir})\n"
+        auth = ("" if key is None else
+                f"API key (shown once; create more with `tandem keys create`):\n"
+                f"  export TANDEM_API_KEY={key}\n  export TANDEM_REDIS_URL={redis_url}\n")
+        print(f"\nTandem is up. Router: {args.host}:{args.port}  (logs in {run_dir})\n{auth}"
               f"  tandem generate \"Return a new list\" --stream{where}\n"
               f"  tandem generate \"Return a new list\" --route cloud{where}\n"
               f"Press Ctrl-C to stop.", flush=True)
@@ -100,11 +138,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 0
     except KeyboardInterrupt:
         return 0
-    except (RuntimeError, TimeoutError) as e:
+    except (RuntimeError, TimeoutError, OSError) as e:
         print(f"tandem up: {e}", file=sys.stderr)
         return 1
     finally:
         print("\nstopping ...", flush=True)
         stop_all(procs)
+        if redis is not None:
+            redis.stop()
         print("stopped.", flush=True)
-

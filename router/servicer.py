@@ -31,7 +31,7 @@ from tandem.request import GenerationRequest
 from tandem.serving import convert
 from tandem.serving.grpc_server import Undecodable, abort
 from tandem.serving.metrics import RouterMetrics, RpcRecord
-from tandem.serving.servicer import IN_FLIGHT_KEY, QUEUE_DEPTH_KEY, SLOTS_KEY
+from tandem.serving.servicer import IN_FLIGHT_KEY, QUEUE_DEPTH_KEY, SLOTS_KEY, parse_request
 
 log = logging.getLogger(__name__)
 
@@ -160,17 +160,7 @@ class RouterServicer:
     async def _request(
         self, msg: pb.GenerateRequest | Undecodable, context: grpc.aio.ServicerContext
     ) -> GenerationRequest:
-        try:
-            if isinstance(msg, Undecodable):
-                raise InvalidRequest(
-                    f"request is not a valid tandem.v1.GenerateRequest ({msg.reason}); "
-                    "prompt and stop sequences must be UTF-8 text"
-                )
-            remaining = context.time_remaining()
-            deadline = time.monotonic() + remaining if remaining is not None else None
-            return convert.request_from_proto(msg, self.config.limits, deadline)
-        except TandemError as e:
-            await abort(context, e, self.load_trailers())
+        return await parse_request(msg, self.config.limits, context, self.load_trailers)
 
     def _deadline(self, context: grpc.aio.ServicerContext) -> float:
         remaining = context.time_remaining()

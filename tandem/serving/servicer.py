@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
 from prometheus_client import CollectorRegistry
@@ -29,6 +29,26 @@ IN_FLIGHT_KEY = "tandem-in-flight"
 QUEUE_DEPTH_KEY = "tandem-queue-depth"
 SLOTS_KEY = "tandem-slots"
 QUEUE_CAPACITY_KEY = "tandem-queue-capacity"
+
+
+async def parse_request(
+    msg: pb.GenerateRequest | Undecodable,
+    limits: Limits,
+    context: grpc.aio.ServicerContext,
+    trailers: Callable[[], Sequence[tuple[str, str]]],
+) -> GenerationRequest:
+    """The validated request with the client's deadline, or the RPC ends INVALID_ARGUMENT."""
+    try:
+        if isinstance(msg, Undecodable):
+            raise InvalidRequest(
+                f"request is not a valid tandem.v1.GenerateRequest ({msg.reason}); "
+                "prompt and stop sequences must be UTF-8 text"
+            )
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        return convert.request_from_proto(msg, limits, deadline)
+    except TandemError as e:
+        await abort(context, e, trailers())
 
 
 class EngineServicer:
@@ -53,17 +73,7 @@ class EngineServicer:
     async def _request(
         self, msg: pb.GenerateRequest | Undecodable, context: grpc.aio.ServicerContext
     ) -> GenerationRequest:
-        try:
-            if isinstance(msg, Undecodable):
-                raise InvalidRequest(
-                    f"request is not a valid tandem.v1.GenerateRequest ({msg.reason}); "
-                    "prompt and stop sequences must be UTF-8 text"
-                )
-            remaining = context.time_remaining()
-            deadline = time.monotonic() + remaining if remaining is not None else None
-            return convert.request_from_proto(msg, self.limits, deadline)
-        except TandemError as e:
-            await abort(context, e, self.load_trailers())
+        return await parse_request(msg, self.limits, context, self.load_trailers)
 
     async def Generate(
         self, request: pb.GenerateRequest | Undecodable, context: grpc.aio.ServicerContext

@@ -38,6 +38,7 @@ from tandem.serving.engine_api import (
     ServedBy,
     Timings,
     Usage,
+    merge_chunks,
 )
 
 log = logging.getLogger(__name__)
@@ -162,11 +163,19 @@ class CloudEngine:
         self.scheduler.submit(seq)  # Overloaded / Unavailable propagate to the servicer
         try:
             while True:
-                item = await queue.get()
-                if isinstance(item, Exception):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
+                # Everything produced since the last chunk goes out as one: a reader that falls
+                # behind (a busy event loop, a slow client) gets fewer, larger messages instead
+                # of one gRPC message per token piling up.
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                chunks = [i for i in items if isinstance(i, Chunk)]
+                if chunks:
+                    yield merge_chunks(chunks)
+                for item in items:
+                    if isinstance(item, Exception):
+                        raise item
+                if chunks and chunks[-1].finish_reason is not None:
                     return
         finally:
             if not seq.done:

@@ -74,6 +74,20 @@ class Chunk:
     timings: Timings | None = None
 
 
+def merge_chunks(chunks: list[Chunk]) -> Chunk:
+    """Consecutive chunks as one; the last one's ending (finish, usage, timings) is kept."""
+    if len(chunks) == 1:
+        return chunks[0]
+    last = chunks[-1]
+    return Chunk(
+        "".join(c.text for c in chunks),
+        tuple(t for c in chunks for t in c.token_ids),
+        last.finish_reason,
+        last.usage,
+        last.timings,
+    )
+
+
 @dataclass(frozen=True)
 class ScoreResult:
     mean_loss: float

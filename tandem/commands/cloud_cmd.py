@@ -7,6 +7,8 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+from tandem.commands import control_cmd
+
 # Off the ports node_exporter (9100) and friends hold on the same hosts.
 METRICS_PORT = 9191
 
@@ -30,6 +32,7 @@ def register(groups: Any) -> None:
                             "any free port if it is taken; 0: any free port)")
     serve.add_argument("--no-metrics", action="store_true", help="export no metrics")
     serve.set_defaults(func=cmd_serve)
+    control_cmd.register_cloud(sub)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

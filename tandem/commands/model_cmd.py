@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from tandem.commands import control_cmd
+
 DEFAULT_DATA_DIR = Path("runs/demo-data")
 
 
@@ -46,6 +48,7 @@ def register(groups: Any) -> None:
     export.add_argument("--out", type=Path, required=True)
     export.add_argument("--quantization", choices=("int4", "int8", "fp32"), default="int4")
     export.set_defaults(func=cmd_export)
+    control_cmd.register_model(sub)
 
 
 def _pair_dir(arg: Path | None) -> Path:

@@ -1,0 +1,251 @@
+"""The control plane's commands, added to existing groups:
+
+``tandem cloud control serve``, ``tandem cloud token create|list``, ``tandem cloud nodes`` (via
+``register_cloud``) and ``tandem model publish|versions`` (via ``register_model``). Each works on
+a data directory (``--data-dir``, env TANDEM_CONTROL_DIR, default ~/.tandem/control) on the host
+that runs the control plane; several commands may use it at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+# Beside the cloud tier's 50051; edge nodes and their installers dial it.
+DEFAULT_PORT = 50052
+# Off the ports the cloud tier (9191) and edge nodes (9192) export metrics on.
+METRICS_PORT = 9193
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``30s``, ``30m``, ``1h``, ``2d`` or a plain number of seconds."""
+    match = _DURATION.match(text)
+    if match is None or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"duration must be a positive number with an optional unit s, m, h or d "
+            f"(e.g. 30m, 1h, 2d), got {text!r}")
+    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+
+
+def _data_dir_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
+                        help="the control plane's data directory (env TANDEM_CONTROL_DIR, "
+                             "default ~/.tandem/control)")
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    from cloud.control.datadir import default_data_dir
+
+    return args.data_dir.expanduser() if args.data_dir is not None else default_data_dir()
+
+
+def register_cloud(sub: Any) -> None:
+    """Add ``control``, ``token`` and ``nodes`` to the ``tandem cloud`` subcommands."""
+    control = sub.add_parser("control", help="the control plane for edge nodes")
+    control_sub = control.add_subparsers(dest="control_command", metavar="ACTION",
+                                         required=True)
+    serve = control_sub.add_parser("serve", help="serve enrollment, heartbeats and artifacts")
+    _data_dir_flag(serve)
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (0.0.0.0 for edge nodes on other hosts)")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT)
+    serve.add_argument("--heartbeat-interval", type=parse_duration, default=5.0,
+                       metavar="DURATION", help="how often nodes report (default 5s)")
+    serve.add_argument("--grace", type=float, default=10.0,
+                       help="seconds in-flight downloads get to finish on shutdown")
+    serve.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                       help=f"Prometheus /metrics port on --host (default {METRICS_PORT}, or "
+                            "any free port if it is taken; 0: any free port)")
+    serve.add_argument("--no-metrics", action="store_true", help="export no metrics")
+    serve.set_defaults(func=cmd_serve)
+
+    token = sub.add_parser("token", help="join tokens that let an edge node enroll")
+    token_sub = token.add_subparsers(dest="token_command", metavar="ACTION", required=True)
+    create = token_sub.add_parser("create", help="make a single-use join token (shown once)")
+    _data_dir_flag(create)
+    create.add_argument("--ttl", type=parse_duration, default=3600.0, metavar="DURATION",
+                        help="how long the token stays valid: 30m, 1h, 2d (default 1h)")
+    create.add_argument("--note", default="", help="what the token is for (shown in lists)")
+    create.set_defaults(func=cmd_token_create)
+    listing = token_sub.add_parser("list", help="show join tokens (never their secrets)")
+    _data_dir_flag(listing)
+    listing.set_defaults(func=cmd_token_list)
+
+    nodes = sub.add_parser("nodes", help="show enrolled edge nodes and what they serve")
+    _data_dir_flag(nodes)
+    nodes.add_argument("--json", action="store_true", help="machine-readable output")
+    nodes.set_defaults(func=cmd_nodes)
+
+
+def register_model(sub: Any) -> None:
+    """Add ``publish`` and ``versions`` to the ``tandem model`` subcommands."""
+    publish = sub.add_parser("publish", help="register an edge artifact as a signed version")
+    publish.add_argument("artifact", type=Path, metavar="DIR",
+                         help="edge artifact directory (from `tandem model export`)")
+    _data_dir_flag(publish)
+    publish.add_argument("--notes", default="", help="free text kept with the version")
+    publish.add_argument("--version", dest="model_version", default=None,
+                         help="publish under this version name (default: the manifest's)")
+    publish.add_argument("--make-current", action="store_true",
+                         help="serve it on every node now, without a canary rollout "
+                              "(the first version published becomes current anyway)")
+    publish.set_defaults(func=cmd_publish)
+    versions = sub.add_parser("versions", help="list published edge model versions")
+    _data_dir_flag(versions)
+    versions.add_argument("--json", action="store_true", help="machine-readable output")
+    versions.set_defaults(func=cmd_versions)
+
+
+def _guarded(action: Callable[[], int]) -> int:
+    """Run ``action``; a typed error becomes one line on stderr and exit status 1."""
+    from model.manifest import ArtifactIntegrityError
+    from tandem.errors import TandemError
+
+    try:
+        return action()
+    except TandemError as e:
+        print(f"tandem: error: {e.message}", file=sys.stderr)
+        return 1
+    except ArtifactIntegrityError as e:
+        print(f"tandem: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _when(ts: float | None) -> str:
+    return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _ago(ts: float | None, now: float) -> str:
+    if ts is None:
+        return "never"
+    seconds = max(0.0, now - ts)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from cloud.control.config import ControlConfig
+    from cloud.control.server import run_control_server
+    from tandem.serving.grpc_server import ServerConfig
+    from tandem.serving.metrics import MetricsConfig
+
+    config = ControlConfig(
+        data_dir=_data_dir(args),
+        server=ServerConfig(host=args.host, port=args.port, grace_s=args.grace),
+        heartbeat_interval_s=args.heartbeat_interval,
+        metrics=MetricsConfig.from_flags(args.metrics_port, METRICS_PORT, args.no_metrics),
+    )
+    asyncio.run(run_control_server(config))
+    return 0
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    from cloud.control.credentials import parse_join_token
+    from cloud.control.datadir import ControlData
+
+    with ControlData.open(_data_dir(args)) as data:
+        token = data.store.create_join_token(args.ttl, note=args.note)
+    parsed = parse_join_token(token)
+    token_id = parsed[0] if parsed else "?"
+    print(f"join token: {token}")
+    print(f"token id:   {token_id}   expires {_when(time.time() + args.ttl)} "
+          f"(single use)")
+    print("It is shown once and cannot be recovered. On the new edge node run:")
+    print(f"  tandem edge install --cloud CONTROL_HOST:{DEFAULT_PORT} --token {token}")
+    return 0
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    from cloud.control.datadir import ControlData
+
+    with ControlData.open(_data_dir(args)) as data:
+        tokens = data.store.join_tokens()
+    now = time.time()
+    print(f"{'TOKEN ID':<18} {'CREATED':<20} {'STATE':<34} NOTE")
+    for t in tokens:
+        if t.used_at is not None:
+            state = f"used by {t.used_by} {_ago(t.used_at, now)}"
+        elif t.expires_at <= now:
+            state = "expired"
+        else:
+            state = f"valid until {_when(t.expires_at)}"
+        print(f"{t.token_id:<18} {_when(t.created_at):<20} {state:<34} {t.note}")
+    return 0
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from cloud.control.datadir import ControlData
+
+    with ControlData.open(_data_dir(args)) as data:
+        nodes = data.store.nodes()
+    if args.json:
+        print(json.dumps([asdict(n) for n in nodes], indent=2))
+        return 0
+    now = time.time()
+    print(f"{'NODE':<16} {'ADDRESS':<22} {'SERVES':<30} {'DESIRED':<30} {'HEALTH':<9} HEARD")
+    for n in nodes:
+        health = "healthy" if n.healthy else "unhealthy"
+        print(f"{n.node_id:<16} {n.inference_address:<22} {n.served_version or '-':<30} "
+              f"{n.desired_version or '-':<30} {health:<9} {_ago(n.last_heartbeat, now)}")
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from cloud.control.datadir import ControlData
+    from cloud.control.publish import publish_model
+
+    def publish() -> int:
+        with ControlData.open(_data_dir(args)) as data:
+            record, created = publish_model(
+                data, args.artifact, notes=args.notes, model_version=args.model_version,
+                make_current=True if args.make_current else None)
+            current = data.store.current_version()
+        verb = "published" if created else "already published:"
+        print(f"{verb} {record.version} ({record.quantization}, {record.total_size / 1e6:.1f} "
+              f"MB), signed by {record.key_id}")
+        if current == record.version:
+            print("It is the fleet's current version: nodes move to it at their next heartbeat.")
+        else:
+            print(f"The fleet still serves {current}; a canary rollout sends it to nodes.")
+        return 0
+
+    return _guarded(publish)
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    from cloud.control.datadir import ControlData
+
+    with ControlData.open(_data_dir(args)) as data:
+        versions = data.store.versions()
+        current = data.store.current_version()
+    if args.json:
+        print(json.dumps([{
+            "version": v.version, "current": v.version == current, "created_at": v.created_at,
+            "quantization": v.quantization, "total_size": v.total_size,
+            "base_version": v.base_version, "parent_version": v.parent_version,
+            "key_id": v.key_id, "notes": v.notes,
+        } for v in versions], indent=2))
+        return 0
+    if not versions:
+        print("no versions published yet: `tandem model publish DIR`")
+        return 0
+    print(f"  {'VERSION':<36} {'CREATED':<20} {'QUANT':<6} {'SIZE':>9}  NOTES")
+    for v in versions:
+        mark = "*" if v.version == current else " "
+        print(f"{mark} {v.version:<36} {_when(v.created_at):<20} {v.quantization:<6} "
+              f"{v.total_size / 1e6:>7.1f}MB  {v.notes}")
+    print("(* the fleet's current version)")
+    return 0

@@ -7,6 +7,11 @@ retry-after hint, never queued past its deadline. Each admitted sequence decodes
 genai Generator in a worker thread and hands every token to the event loop as it is produced;
 a closed stream, a stop sequence or a passed deadline ends it at the next token and frees its
 slot at once. No torch and no transformers: this is what an edge node imports.
+
+``swap_to`` replaces the model without dropping a request: the new artifact is verified, loaded
+beside the old one and warmed up; then, between two requests, new work goes to it while work
+already running on the old model finishes there, and only then is the old model released. Each
+request pins the model it started on, so its tokens, text and ``served_by`` never mix versions.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge.admission import Admission
+from edge.outcomes import Tally, VersionOutcome
 from edge.runtime import EdgeRuntime
-from model.manifest import read_manifest
+from model.manifest import Manifest, read_manifest
 from model.textstream import TextStream
 from model.tokenizer import Tokenizer
 from tandem.errors import (
@@ -31,6 +37,7 @@ from tandem.errors import (
     InvalidRequest,
     TandemError,
     Unavailable,
+    WrongState,
 )
 from tandem.request import GenerationRequest, Limits
 from tandem.serving.engine_api import (
@@ -47,6 +54,15 @@ log = logging.getLogger(__name__)
 
 # Prompts longer than this (characters) are tokenized in a thread: a 32 KiB prompt takes ~15 ms.
 _INLINE_ENCODE_CHARS = 2048
+# A swapped-in model decodes this before it takes traffic (first-call allocations, every weight
+# touched), as the server's warm-up does at start.
+_WARMUP_PROMPT = "Return the"
+
+
+class SwapFailed(TandemError):
+    """A new model could not be loaded or warmed up; the old one keeps serving."""
+
+    status = "FAILED_PRECONDITION"
 
 
 @dataclass(frozen=True)
@@ -62,6 +78,9 @@ class EdgeEngineConfig:
     # ONNX Runtime intra-op threads per session; None: ORT's default (one per core).
     threads: int | None = None
     limits: Limits = field(default_factory=Limits)
+    # After a swap, requests still running on the old model get this long before they are
+    # ended (a client that stops reading must not pin an old model in memory forever).
+    swap_drain_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.max_concurrency < 1:
@@ -85,44 +104,76 @@ _Event = tuple[int, float] | _End | BaseException
 
 
 @dataclass(eq=False)
+class _Model:
+    """One loaded artifact with its own threads; a request pins the model it started on."""
+
+    runtime: EdgeRuntime
+    tokenizer: Tokenizer
+    info: EngineInfo
+    # A cancelled sequence frees its slot at once while its thread finishes the step it is
+    # in; the spare threads keep that step from delaying the next admitted sequence.
+    decode_pool: ThreadPoolExecutor
+    # Scores are one prefill each: their own threads, so they never wait behind decoding.
+    score_pool: ThreadPoolExecutor
+    users: int = 0  # generations and scores running on this model
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+    @property
+    def version(self) -> str:
+        return self.info.served_by.model_version
+
+    def close(self) -> None:
+        # No wait: a thread mid-step sees its sequence cancelled and exits at the next token.
+        for pool in (self.decode_pool, self.score_pool):
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass(eq=False)
 class _Sequence:
-    """One admitted request: its prompt ids and the channel from its worker thread."""
+    """One admitted request: its prompt ids, its model and the channel from its worker thread."""
 
     request: GenerationRequest
     prompt_ids: list[int]
+    model: _Model
     events: asyncio.Queue[_Event]
     # Set by the event loop (client gone, stop matched, deadline, shutdown); read by the worker.
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
+def _engine_info(config: EdgeEngineConfig, manifest: Manifest, max_context: int) -> EngineInfo:
+    return EngineInfo(
+        served_by=ServedBy("edge", config.node_id, manifest.model_version),
+        model_name=manifest.base_version,
+        max_context=max_context,
+        max_new_tokens=min(config.limits.max_new_tokens, max_context - 1),
+        precision=manifest.quantization,
+    )
+
+
 class EdgeEngine:
-    """Serves one edge artifact: streaming generation, scoring and live load, on CPU."""
+    """Serves one edge artifact at a time: streaming generation, scoring, live load, hot swap."""
 
     def __init__(self, config: EdgeEngineConfig) -> None:
         self.config = config
         artifact = Path(config.artifact_dir)
         # Info comes from the manifest and genai_config.json alone, so it is there while the
         # model loads (the servicer answers Info before health turns SERVING).
-        manifest = read_manifest(artifact)
         genai = json.loads((artifact / "genai_config.json").read_text())
-        self._max_context = int(genai["model"]["context_length"])
-        self._info = EngineInfo(
-            served_by=ServedBy("edge", config.node_id, manifest.model_version),
-            model_name=manifest.base_version,
-            max_context=self._max_context,
-            max_new_tokens=min(config.limits.max_new_tokens, self._max_context - 1),
-            precision=manifest.quantization,
+        self._info = _engine_info(
+            config, read_manifest(artifact), int(genai["model"]["context_length"])
         )
-        self._runtime: EdgeRuntime | None = None
-        self._tokenizer: Tokenizer | None = None
-        # A cancelled sequence frees its slot at once while its thread finishes the step it is
-        # in; the spare threads keep that step from delaying the next admitted sequence.
-        self._decode_pool: ThreadPoolExecutor | None = None
-        # Scores are one prefill each: their own threads, so they never wait behind decoding.
-        self._score_pool: ThreadPoolExecutor | None = None
+        self._model: _Model | None = None
+        self._retiring: set[_Model] = set()  # swapped out, finishing their requests
+        self._loading: str | None = None
+        self._swap_lock = asyncio.Lock()
         self._admission = Admission(config.max_concurrency, config.max_queue)
         self._active: set[_Sequence] = set()
         self._draining = False
+        self._outcomes: dict[str, Tally] = {}
+        self._tokens_generated = 0
 
     # ---- Engine protocol ----------------------------------------------------------------
 
@@ -132,8 +183,23 @@ class EdgeEngine:
 
     @property
     def runtime(self) -> EdgeRuntime | None:
-        """The loaded model (None before ``start`` and after ``stop``)."""
-        return self._runtime
+        """The model new requests go to (None before ``start`` and after ``stop``)."""
+        return self._model.runtime if self._model is not None else None
+
+    @property
+    def loading_version(self) -> str | None:
+        """The version a swap is loading and warming up right now, if any."""
+        return self._loading
+
+    @property
+    def tokens_generated(self) -> int:
+        """Completion tokens of every finished request since start (for a tokens/s rate)."""
+        return self._tokens_generated
+
+    @property
+    def healthy(self) -> bool:
+        """A model is loaded and new requests are accepted."""
+        return self._model is not None and not self._draining
 
     def load(self) -> EngineLoad:
         return EngineLoad(
@@ -143,11 +209,209 @@ class EdgeEngine:
             queue_capacity=self.config.max_queue,
         )
 
+    def take_outcomes(self) -> list[VersionOutcome]:
+        """Outcomes per model version since the previous call (the agent reports them)."""
+        tallies, self._outcomes = self._outcomes, {}
+        return [tally.summary(version) for version, tally in tallies.items()]
+
     async def start(self) -> None:
         """Verify and load the artifact (in a thread); then requests are accepted."""
-        if self._runtime is not None:
+        if self._model is not None:
             return
-        artifact = Path(self.config.artifact_dir)
+        model = await self._load(Path(self.config.artifact_dir))
+        self._model, self._info = model, model.info
+        self._draining = False
+        log.info(
+            "edge engine %s: %s, %d slots, queue %d, context %d",
+            self.config.node_id, model.version, self.config.max_concurrency,
+            self.config.max_queue, model.info.max_context,
+        )
+
+    async def stop(self, grace_s: float) -> None:
+        """Refuse new work, let accepted work finish for up to ``grace_s``, then end the rest."""
+        self._draining = True
+        try:
+            if not self._admission.idle:
+                await asyncio.wait_for(self._admission.wait_idle(), grace_s)
+        except TimeoutError:
+            log.warning(
+                "edge engine: %d sequences still running after %.1f s grace; ending them",
+                len(self._active), grace_s,
+            )
+            err = Unavailable("the edge node shut down before the request finished; retry")
+            self._admission.refuse_waiters(err)
+            self._end(self._active, err)
+        for model in (self._model, *self._retiring):
+            if model is not None:
+                model.close()
+        self._retiring.clear()
+        self._model = None
+
+    async def swap_to(self, artifact_dir: str | Path) -> None:
+        """Serve ``artifact_dir`` from now on without failing a request; returns once the old
+        model's requests have finished and it is released.
+
+        Raises ``SwapFailed`` when the new artifact does not verify, load or warm up: then
+        nothing changed and the old model keeps serving.
+        """
+        artifact = Path(artifact_dir)
+        async with self._swap_lock:  # one swap at a time
+            old = self._model
+            if old is None or self._draining:
+                raise WrongState(
+                    f"edge node {self.config.node_id} is not serving (not started or shutting "
+                    "down); start it before swapping its model"
+                )
+            try:
+                version = read_manifest(artifact).model_version
+                if version == old.version:
+                    log.info("edge engine: already serving %s; nothing to swap", version)
+                    return
+                self._loading = version
+                new = await self._load(artifact)  # verifies every file's size and sha256
+                try:
+                    await asyncio.get_running_loop().run_in_executor(
+                        new.decode_pool, self._warm_up, new
+                    )
+                    if self._draining:
+                        raise Unavailable("the node began shutting down during the swap")
+                except BaseException:
+                    new.close()
+                    raise
+            except Exception as e:
+                log.error("swap to %s failed; still serving %s: %s", artifact, old.version, e)
+                raise SwapFailed(
+                    f"edge node {self.config.node_id} could not swap to {artifact}: {e}; "
+                    f"it keeps serving {old.version}"
+                ) from e
+            finally:
+                self._loading = None
+            # One assignment on the event loop thread: every request that starts from here on
+            # pins the new model; those already running keep the old one.
+            self._model, self._info = new, new.info
+            self._retiring.add(old)
+            log.info(
+                "edge engine %s: switched %s -> %s; %d requests finishing on the old model",
+                self.config.node_id, old.version, new.version, old.users,
+            )
+            await self._retire(old)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        """Stream the completion; the last chunk carries finish_reason, usage and timings."""
+        arrival = time.monotonic()
+        # Pinned before the first await: GenerateStream read info.served_by just before this,
+        # so a swap can't come between the version it reports and the model that answers.
+        model = self._pin()
+        try:
+            ids = await self._encode(model, request.prompt)
+            max_context = model.info.max_context
+            if len(ids) + request.max_tokens > max_context:
+                room = max_context - len(ids)
+                hint = (
+                    f"lower max_tokens to at most {room}"
+                    if room >= 1
+                    else "shorten the prompt (or send it to the cloud tier)"
+                )
+                raise InvalidRequest(
+                    f"prompt is {len(ids)} tokens and max_tokens is {request.max_tokens}; "
+                    f"together they must fit the edge model's context of {max_context} "
+                    f"tokens: {hint}"
+                )
+            if request.deadline is not None and arrival >= request.deadline:
+                raise DeadlineExceeded("the request's deadline had passed when it arrived")
+            await self._admission.acquire(request.deadline, f"edge node {self.config.node_id}")
+            admitted = time.monotonic()
+            loop = asyncio.get_running_loop()
+            seq = _Sequence(request, ids, model, asyncio.Queue())
+            self._active.add(seq)
+            timer = None
+            if request.deadline is not None:
+                # One timer per request, not a timeout per token: it wakes the stream to fail it.
+                expired = DeadlineExceeded("the request's deadline passed during generation")
+                timer = loop.call_later(
+                    request.deadline - time.monotonic(), seq.events.put_nowait, expired
+                )
+            ok: bool | None = None  # None: the client went away (not the model's outcome)
+            tokens = 0
+            try:
+                self._launch(seq, loop)
+                async for chunk in self._chunks(seq, arrival, admitted):
+                    if chunk.usage is not None:
+                        tokens = chunk.usage.completion_tokens
+                    yield chunk
+                ok = True
+            except Exception:
+                ok = False
+                raise
+            finally:
+                # Runs on completion, error, client cancel (CancelledError) and aclose().
+                seq.cancelled.set()
+                if timer is not None:
+                    timer.cancel()
+                self._active.discard(seq)
+                self._admission.release(time.monotonic() - admitted)
+                if ok is not None:
+                    self._record(model.version, ok, time.monotonic() - arrival, tokens)
+        finally:
+            self._unpin(model)
+
+    async def score(self, prompt: str) -> ScoreResult:
+        """Mean per-token loss of the prompt from one prefill (the router's difficulty signal)."""
+        model = self._pin()
+        try:
+            ids = await self._encode(model, prompt)
+            if len(ids) < 2:  # BOS alone predicts nothing
+                raise InvalidRequest("prompt must be non-empty text")
+            if len(ids) > model.info.max_context:
+                raise InvalidRequest(
+                    f"prompt is {len(ids)} tokens; the edge model scores at most "
+                    f"{model.info.max_context} tokens (its context): shorten the prompt"
+                )
+            loss = await asyncio.get_running_loop().run_in_executor(
+                model.score_pool, model.runtime.score, ids
+            )
+            return ScoreResult(mean_loss=loss, prompt_tokens=len(ids))
+        except RuntimeError as e:
+            if "shutdown" not in str(e):  # a pool closed by stop() or a swap's drain timeout
+                raise
+            raise Unavailable(f"edge node {self.config.node_id} is shutting down; retry") from e
+        finally:
+            self._unpin(model)
+
+    # ---- internals ----------------------------------------------------------------------
+
+    def _check_accepting(self) -> _Model:
+        if self._draining:
+            raise Unavailable(
+                f"edge node {self.config.node_id} is draining (shutting down); "
+                "send new requests to another backend"
+            )
+        if self._model is None:
+            raise Unavailable(f"edge node {self.config.node_id} is loading its model; retry")
+        return self._model
+
+    def _pin(self) -> _Model:
+        """The model a new request runs on, held until ``_unpin`` (a swap drains it)."""
+        model = self._check_accepting()
+        model.users += 1
+        model.idle.clear()
+        return model
+
+    def _unpin(self, model: _Model) -> None:
+        model.users -= 1
+        if model.users == 0:
+            model.idle.set()
+
+    def _record(self, version: str, ok: bool, latency_s: float, tokens: int) -> None:
+        tally = self._outcomes.setdefault(version, Tally())
+        tally.requests += 1
+        tally.errors += 0 if ok else 1
+        tally.tokens += tokens
+        tally.latencies_ms.append(latency_s * 1000)
+        self._tokens_generated += tokens
+
+    async def _load(self, artifact: Path) -> _Model:
+        """Verify and load an artifact off the event loop, with threads of its own."""
         runtime = await asyncio.to_thread(EdgeRuntime.load, artifact, threads=self.config.threads)
         tokenizer = await asyncio.to_thread(Tokenizer.from_dir, artifact)
         eos_ok = tokenizer.eos_id in runtime.eos_token_ids
@@ -158,132 +422,66 @@ class EdgeEngine:
                 f"{runtime.bos_token_id}, eos {runtime.eos_token_ids}); re-export the artifact"
             )
         slots = self.config.max_concurrency
-        self._decode_pool = ThreadPoolExecutor(2 * slots, thread_name_prefix="edge-decode")
-        self._score_pool = ThreadPoolExecutor(2, thread_name_prefix="edge-score")
-        self._runtime, self._tokenizer = runtime, tokenizer
-        self._draining = False
-        log.info(
-            "edge engine %s: %s, %d slots, queue %d, context %d",
-            self.config.node_id, runtime.model_version, slots, self.config.max_queue,
-            runtime.max_context,
+        return _Model(
+            runtime,
+            tokenizer,
+            _engine_info(self.config, runtime.manifest, runtime.max_context),
+            ThreadPoolExecutor(2 * slots, thread_name_prefix="edge-decode"),
+            ThreadPoolExecutor(2, thread_name_prefix="edge-score"),
         )
 
-    async def stop(self, grace_s: float) -> None:
-        """Refuse new work, let accepted work finish for up to ``grace_s``, then end the rest."""
-        self._draining = True
+    @staticmethod
+    def _warm_up(model: _Model) -> None:
+        """Worker thread: one short greedy generation on a model that takes no traffic yet."""
+        ids = model.tokenizer.encode(_WARMUP_PROMPT, add_bos=True)
+        for _ in model.runtime.generate(ids, 2):
+            pass
+
+    async def _retire(self, old: _Model) -> None:
+        """Let the requests pinned to ``old`` finish (up to swap_drain_s), then release it."""
         try:
-            if not self._admission.idle:
-                await asyncio.wait_for(self._admission.wait_idle(), grace_s)
+            await asyncio.wait_for(old.idle.wait(), self.config.swap_drain_s)
         except TimeoutError:
-            err = Unavailable("the edge node shut down before the request finished; retry")
+            stuck = {seq for seq in self._active if seq.model is old}
             log.warning(
-                "edge engine: %d sequences still running after %.1f s grace; ending them",
-                len(self._active), grace_s,
+                "edge engine: %d requests still on %s after %.0f s; ending them",
+                len(stuck), old.version, self.config.swap_drain_s,
             )
-            self._admission.refuse_waiters(err)
-            for seq in list(self._active):
-                seq.cancelled.set()
-                seq.events.put_nowait(err)
-        for pool in (self._decode_pool, self._score_pool):
-            if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
-        self._decode_pool = self._score_pool = None
-        self._runtime = None
-
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        """Stream the completion; the last chunk carries finish_reason, usage and timings."""
-        arrival = time.monotonic()
-        self._check_accepting()
-        ids = await self._encode(request.prompt)
-        if len(ids) + request.max_tokens > self._max_context:
-            room = self._max_context - len(ids)
-            hint = (
-                f"lower max_tokens to at most {room}"
-                if room >= 1
-                else "shorten the prompt (or send it to the cloud tier)"
-            )
-            raise InvalidRequest(
-                f"prompt is {len(ids)} tokens and max_tokens is {request.max_tokens}; together "
-                f"they must fit the edge model's context of {self._max_context} tokens: {hint}"
-            )
-        if request.deadline is not None and arrival >= request.deadline:
-            raise DeadlineExceeded("the request's deadline had passed when it arrived")
-        await self._admission.acquire(request.deadline, f"edge node {self.config.node_id}")
-        admitted = time.monotonic()
-        loop = asyncio.get_running_loop()
-        seq = _Sequence(request, ids, asyncio.Queue())
-        self._active.add(seq)
-        timer = None
-        if request.deadline is not None:
-            # One timer per request, not a timeout per token: it wakes the stream to fail it.
-            expired = DeadlineExceeded("the request's deadline passed during generation")
-            timer = loop.call_later(
-                request.deadline - time.monotonic(), seq.events.put_nowait, expired
-            )
-        try:
-            self._launch(seq, loop)
-            async for chunk in self._chunks(seq, arrival, admitted):
-                yield chunk
+            self._end(stuck, Unavailable("the edge node replaced its model mid-request; retry"))
         finally:
-            # Runs on completion, error, client cancel (CancelledError) and aclose().
+            self._retiring.discard(old)
+            old.close()
+        log.info("edge engine %s: released %s", self.config.node_id, old.version)
+
+    @staticmethod
+    def _end(sequences: set[_Sequence], err: TandemError) -> None:
+        for seq in list(sequences):
             seq.cancelled.set()
-            if timer is not None:
-                timer.cancel()
-            self._active.discard(seq)
-            self._admission.release(time.monotonic() - admitted)
+            seq.events.put_nowait(err)
 
-    async def score(self, prompt: str) -> ScoreResult:
-        """Mean per-token loss of the prompt from one prefill (the router's difficulty signal)."""
-        self._check_accepting()
-        ids = await self._encode(prompt)
-        if len(ids) < 2:  # BOS alone predicts nothing
-            raise InvalidRequest("prompt must be non-empty text")
-        if len(ids) > self._max_context:
-            raise InvalidRequest(
-                f"prompt is {len(ids)} tokens; the edge model scores at most "
-                f"{self._max_context} tokens (its context): shorten the prompt"
-            )
-        runtime, pool = self._runtime, self._score_pool
-        assert runtime is not None and pool is not None  # _check_accepting
-        loss = await asyncio.get_running_loop().run_in_executor(pool, runtime.score, ids)
-        return ScoreResult(mean_loss=loss, prompt_tokens=len(ids))
-
-    # ---- internals ----------------------------------------------------------------------
-
-    def _check_accepting(self) -> None:
-        if self._draining:
-            raise Unavailable(
-                f"edge node {self.config.node_id} is draining (shutting down); "
-                "send new requests to another backend"
-            )
-        if self._runtime is None:
-            raise Unavailable(f"edge node {self.config.node_id} is loading its model; retry")
-
-    async def _encode(self, text: str) -> list[int]:
-        tokenizer = self._tokenizer
-        assert tokenizer is not None  # _check_accepting
+    async def _encode(self, model: _Model, text: str) -> list[int]:
         # genai's own tokenizer never adds BOS; the model was trained with it.
         if len(text) <= _INLINE_ENCODE_CHARS:
-            return tokenizer.encode(text, add_bos=True)
-        return await asyncio.to_thread(tokenizer.encode, text, True)
+            return model.tokenizer.encode(text, add_bos=True)
+        return await asyncio.to_thread(model.tokenizer.encode, text, True)
 
     def _launch(self, seq: _Sequence, loop: asyncio.AbstractEventLoop) -> None:
         """Start decoding ``seq`` off the event loop."""
         # A Generator per sequence, not og.Engine: via gRPC on 2 cores 4 streams got 4.1-4.8k
         # vs 1.8-4.3k tok/s at half the TTFT, and seeds work (static og.Engine has none).
-        pool = self._decode_pool
-        if pool is None:
-            raise Unavailable(f"edge node {self.config.node_id} is shutting down; retry")
-        pool.submit(self._decode, seq, loop)
+        try:
+            seq.model.decode_pool.submit(self._decode, seq, loop)
+        except RuntimeError:  # its pool closed: stop() or a swap's drain timeout
+            raise Unavailable(f"edge node {self.config.node_id} is shutting down; retry") from None
 
     def _decode(self, seq: _Sequence, loop: asyncio.AbstractEventLoop) -> None:
         """Worker thread: run one sequence, handing each token to the loop as it exists."""
         put: Callable[[_Event], object] = lambda event: loop.call_soon_threadsafe(  # noqa: E731
             seq.events.put_nowait, event
         )
-        req, runtime = seq.request, self._runtime
+        req, runtime = seq.request, seq.model.runtime
         try:
-            if runtime is None or seq.cancelled.is_set():
+            if seq.cancelled.is_set():
                 return
             count = 0
             tokens = runtime.generate(
@@ -313,8 +511,7 @@ class EdgeEngine:
         self, seq: _Sequence, arrival: float, admitted: float
     ) -> AsyncIterator[Chunk]:
         """Turn the worker's events into chunks: text via TextStream, stop sequences, timings."""
-        assert self._tokenizer is not None
-        stream = TextStream(self._tokenizer, seq.request.stop)
+        stream = TextStream(seq.model.tokenizer, seq.request.stop)
         generated = 0
         first_at: float | None = None
         while True:

@@ -1,13 +1,16 @@
 """``tandem edge``: run an edge node.
 
-Imports happen inside the command: ``tandem --help`` stays fast, and serving never imports
-torch (only ``--export-from`` does, through the exporter).
+``serve`` serves one artifact as is; ``install`` enrolls the machine with a cloud's control
+plane and fetches its model; ``run`` serves that model and keeps it in step with the cloud
+(heartbeats, signed downloads, hot swap). Imports happen inside the command: ``tandem --help``
+stays fast, and serving never imports torch (only ``--export-from`` does, through the exporter).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +45,46 @@ def register(groups: Any) -> None:
     serve.add_argument("--no-metrics", action="store_true", help="export no metrics")
     serve.set_defaults(func=cmd_serve)
 
+    install = sub.add_parser("install", help="enroll this machine as an edge node of a cloud")
+    install.add_argument("--cloud", required=True, metavar="HOST:PORT",
+                         help="the cloud's control service (`tandem cloud serve` prints it)")
+    install.add_argument("--token", required=True,
+                         help="a join token from `tandem cloud token create` (single use)")
+    install.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
+                         help="node config and models (default: /var/lib/tandem-edge as root, "
+                              "else ~/.tandem/edge)")
+    install.add_argument("--no-systemd", action="store_true",
+                         help="write tandem-edge.service into the data dir instead of "
+                              "installing and starting it")
+    install.add_argument("--host", default="127.0.0.1",
+                         help="where `tandem edge run` listens (0.0.0.0: every interface)")
+    install.add_argument("--port", type=int, default=50061, help="inference port")
+    install.add_argument("--advertise", default=None, metavar="HOST:PORT",
+                         help="where routers reach this node (default: --host:--port, or this "
+                              "host's name for 0.0.0.0)")
+    install.set_defaults(func=cmd_install)
+
+    run = sub.add_parser("run", help="serve the enrolled node's model and keep it in sync")
+    run.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
+                     help="as given to `tandem edge install`")
+    run.add_argument("--max-concurrency", type=int, default=4,
+                     help="sequences decoded in parallel")
+    run.add_argument("--max-queue", type=int, default=16,
+                     help="requests that may wait for a slot; more are refused")
+    run.add_argument("--threads", type=int, default=None,
+                     help="ONNX Runtime intra-op threads (default: one per core)")
+    run.add_argument("--grace", type=float, default=10.0,
+                     help="seconds in-flight requests get to finish on shutdown")
+    run.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                     help=f"Prometheus /metrics port (default {METRICS_PORT}, or any free port "
+                          "if it is taken; 0: any free port)")
+    run.add_argument("--no-metrics", action="store_true", help="export no metrics")
+    run.add_argument("--heartbeat", type=float, default=5.0, metavar="SECONDS",
+                     help="heartbeat period until the cloud sets one")
+    run.add_argument("--report-every", type=float, default=15.0, metavar="SECONDS",
+                     help="how often serving outcomes per version go to the cloud")
+    run.set_defaults(func=cmd_run)
+
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from edge.engine import EdgeEngineConfig
@@ -68,6 +111,58 @@ def cmd_serve(args: argparse.Namespace) -> int:
         metrics=MetricsConfig.from_flags(args.metrics_port, METRICS_PORT, args.no_metrics),
     )
     asyncio.run(run_edge_server(config))
+    return 0
+
+
+def _data_dir(arg: Path | None) -> Path:
+    from edge.agent.config import default_data_dir
+
+    return arg if arg is not None else default_data_dir()
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    from edge.agent.client import ControlError
+    from edge.agent.download import ArtifactRejected
+    from edge.agent.install import InstallError, install, unit_hint
+
+    data_dir = _data_dir(args.data_dir)
+    try:
+        result = asyncio.run(install(
+            args.cloud, args.token, data_dir, args.no_systemd, host=args.host, port=args.port,
+            advertise=args.advertise,
+        ))
+    except (InstallError, ArtifactRejected, ControlError) as e:
+        print(f"tandem: install failed: {e}", file=sys.stderr)
+        return 1
+    node = result.node
+    print(f"node {node.node_id} enrolled with {node.cloud}"
+          + (" (kept its existing enrollment)" if result.kept_enrollment else ""))
+    print(f"  config  {data_dir / 'node.json'}")
+    print(f"  model   {node.current_version or 'none published yet'}")
+    if result.unit_enabled:
+        print(f"  service {result.unit_path} (enabled and started)")
+    else:
+        print(f"  service {result.unit_path}\n"
+              f"start it now with:  tandem edge run --data-dir {data_dir}\n"
+              f"or install it with: {unit_hint(result.unit_path)}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from edge.agent.config import AgentConfig
+    from edge.agent.run import NodeRunConfig, serve_node
+    from tandem.serving.metrics import MetricsConfig
+
+    config = NodeRunConfig(
+        agent=AgentConfig(data_dir=_data_dir(args.data_dir), heartbeat_s=args.heartbeat,
+                          report_s=args.report_every),
+        max_concurrency=args.max_concurrency,
+        max_queue=args.max_queue,
+        threads=args.threads,
+        grace_s=args.grace,
+        metrics=MetricsConfig.from_flags(args.metrics_port, METRICS_PORT, args.no_metrics),
+    )
+    asyncio.run(serve_node(config))
     return 0
 
 

@@ -82,6 +82,9 @@ class EngineServicer:
             req = await self._request(request, context)
             rpc.route = req.route
             chunks: list[Chunk] = []
+            # Read before the engine call, with no await between: the engine binds a request to
+            # the model it starts on, and a hot swap may change ``info`` while it runs.
+            served_by = self.engine.info.served_by
             try:
                 async for chunk in self.engine.generate(req):
                     chunks.append(chunk)
@@ -91,7 +94,7 @@ class EngineServicer:
             if chunks:
                 rpc.finished(chunks[-1])
             return convert.response_from_chunks(
-                chunks, served_by=self.engine.info.served_by, request_id=req.request_id
+                chunks, served_by=served_by, request_id=req.request_id
             )
 
     async def GenerateStream(
@@ -125,6 +128,7 @@ class EngineServicer:
                     raise InvalidRequest(
                         f"prompt is over the limit of {self.limits.max_prompt_bytes} bytes"
                     )
+                served_by = self.engine.info.served_by  # before the await (see Generate)
                 result = await self.engine.score(request.prompt)
             except TandemError as e:
                 await abort(context, e, self.load_trailers())
@@ -132,7 +136,7 @@ class EngineServicer:
             return pb.ScoreResponse(
                 mean_loss=result.mean_loss,
                 prompt_tokens=result.prompt_tokens,
-                served_by=convert.served_by_to_proto(self.engine.info.served_by),
+                served_by=convert.served_by_to_proto(served_by),
             )
 
     async def Info(

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from router.backends import PoolConfig
+from router.discovery import DiscoveryConfig
 from router.frontdoor import FrontDoorConfig
 from router.policy import PolicyConfig
 from tandem.request import Limits
@@ -38,11 +39,14 @@ class RouterConfig:
     on_escalation: EscalationHook | None = None
     # API keys, rate limits and the response cache (Redis-backed when redis_url is set).
     front_door: FrontDoorConfig = field(default_factory=FrontDoorConfig)
+    # Edge nodes learned from the control plane, beside the static backends (None: static only).
+    discovery: DiscoveryConfig | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "backends", tuple(self.backends))
-        if not self.backends:
-            raise ValueError("a router needs at least one backend address (--backend HOST:PORT)")
+        if not self.backends and self.discovery is None:
+            raise ValueError("a router needs at least one backend address (--backend HOST:PORT) "
+                             "or a control plane to discover edge nodes from (--control)")
         for address in self.backends:
             host, sep, port = address.rpartition(":")
             if not (host and sep and port.isdigit()):

@@ -2,8 +2,10 @@
 
 ``start_router`` binds the port at once but answers health NOT_SERVING until a first backend is
 healthy (so a load balancer never sends traffic to a router with nothing behind it), then
-SERVING. ``stop`` drains like every Tandem server, then closes the backend channels. Metrics
-(``RouterMetrics``: backends' health and load read at scrape time) go to a /metrics side port.
+SERVING. Backends are the static addresses plus, with ``config.discovery``, the live edge nodes
+the control plane lists (``router.discovery``), followed while serving. ``stop`` drains like
+every Tandem server, then closes the backend channels. Metrics (``RouterMetrics``: backends'
+health and load read at scrape time) go to a /metrics side port.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from router.backends import BackendPool
 from router.config import RouterConfig
+from router.discovery import NodeDiscovery, start_discovery
 from router.frontdoor import FrontDoor
 from router.policy import RoutingPolicy
 from router.servicer import RouterServicer
@@ -50,6 +53,7 @@ class RouterServer:
     config: RouterConfig
     metrics: RouterMetrics
     metrics_endpoint: MetricsEndpoint | None = None
+    discovery: NodeDiscovery | None = None
 
     @property
     def address(self) -> str:
@@ -60,6 +64,8 @@ class RouterServer:
         grace = self.config.server.grace_s if grace_s is None else grace_s
 
         async def after_drain() -> None:
+            if self.discovery is not None:
+                await self.discovery.close()  # before the pool: no adds to a closed pool
             await self.pool.close()
             await self.servicer.front.close()
             if self.metrics_endpoint is not None:
@@ -98,9 +104,14 @@ async def start_router(
     await server.start()
     for address in config.backends:
         await pool.add(address)
+    discovery = None
+    if config.discovery is not None:
+        discovery = await start_discovery(pool, config.discovery, config.backends)
     if not await pool.wait_ready(config.ready_timeout_s):
-        states = "; ".join(f"{b.address}: {b.last_error}" for b in pool)
+        states = "; ".join(f"{b.address}: {b.last_error}" for b in pool) or "none known"
         await server.stop(0)
+        if discovery is not None:
+            await discovery.close()
         await pool.close()
         if endpoint is not None:
             endpoint.stop()
@@ -109,7 +120,8 @@ async def start_router(
     await set_serving(health, [INFERENCE_SERVICE])
     ready = ", ".join(f"{b.tier} {b.label}" for b in pool if b.healthy)
     log.info("router serving on %s:%d; healthy backends: %s", config.server.host, port, ready)
-    return RouterServer(server, port, pool, servicer, health, config, metrics, endpoint)
+    return RouterServer(server, port, pool, servicer, health, config, metrics, endpoint,
+                        discovery)
 
 
 async def run_router(config: RouterConfig, metrics_config: MetricsConfig | None = None) -> None:

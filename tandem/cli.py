@@ -14,6 +14,7 @@ from tandem.commands import (
     generate_cmd,
     keys_cmd,
     model_cmd,
+    rollout_cmd,
     router_cmd,
     up_cmd,
 )
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     edge_cmd.register(groups)
     router_cmd.register(groups)
     keys_cmd.register(groups)
+    rollout_cmd.register(groups)
     up_cmd.register(groups)
     generate_cmd.register(groups)
     return parser

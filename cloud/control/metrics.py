@@ -14,7 +14,9 @@ from cloud.control.store import ControlStore
 from tandem.serving.metrics import STATUSES
 from tandem.serving.scrape_collectors import SafeCollector
 
-METHODS = frozenset({"Enroll", "Heartbeat", "GetManifest", "FetchArtifact", "ReportOutcomes"})
+METHODS = frozenset({
+    "Enroll", "Heartbeat", "GetManifest", "FetchArtifact", "ReportOutcomes", "ListNodes",
+})
 
 
 class FleetCollector(SafeCollector):

@@ -1,14 +1,18 @@
-"""The control plane's gRPC server: the Control servicer behind one node gate, health, metrics.
+"""The control plane's gRPC server: the Control servicer behind one gate, health, metrics, and
+the rollout controller's timer.
 
-``NodeGate`` is the one place credentials are checked: every Control method except Enroll
-needs ``authorization: Bearer <node credential>`` metadata (UNAUTHENTICATED otherwise), and any
-method added later needs it too. It also counts every RPC by method and final status. Health
-and reflection pass without a credential (load balancers and grpcurl must reach them).
+``NodeGate`` is the one place credentials are checked: ListNodes needs a router token, every
+other Control method except Enroll needs ``authorization: Bearer <node credential>`` metadata
+(UNAUTHENTICATED otherwise), and any method added later needs a node credential too. It also
+counts every RPC by method and final status. Health and reflection pass without a credential
+(load balancers and grpcurl must reach them). ``RolloutController.tick`` runs every
+``tick_interval_s`` in a thread, so canaries are promoted or rolled back without an operator.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -21,9 +25,12 @@ from prometheus_client import CollectorRegistry
 from cloud.control.config import ControlConfig
 from cloud.control.datadir import ControlData
 from cloud.control.metrics import ControlMetrics
+from cloud.control.rollout import RolloutConfig, RolloutController
+from cloud.control.router_tokens import RouterTokens
 from cloud.control.servicer import (
     CONTROL_SERVICE,
     CURRENT_NODE,
+    CURRENT_ROUTER,
     ControlServicer,
     add_control_servicer,
 )
@@ -42,6 +49,9 @@ log = logging.getLogger(__name__)
 
 AUTH_HEADER = "authorization"
 PUBLIC_METHODS = (f"/{CONTROL_SERVICE}/Enroll",)
+# Methods for routers: a router token, never a node credential (a node has no business
+# listing the fleet, and a router none acting as a node).
+ROUTER_METHODS = (f"/{CONTROL_SERVICE}/ListNodes",)
 UNCOUNTED_PREFIXES = (
     "/grpc.health.v1.Health/",
     "/grpc.reflection.v1.ServerReflection/",
@@ -69,11 +79,14 @@ def _final_status(exc: BaseException | None, context: grpc.aio.ServicerContext) 
 
 
 class NodeGate(grpc.aio.ServerInterceptor):
-    """Authenticates every non-public Control RPC (the node lands in CURRENT_NODE); counts all."""
+    """Authenticates every non-public Control RPC (the node lands in CURRENT_NODE, a router's
+    token id in CURRENT_ROUTER); counts all."""
 
-    def __init__(self, store: ControlStore, metrics: ControlMetrics) -> None:
+    def __init__(self, store: ControlStore, metrics: ControlMetrics,
+                 routers: RouterTokens) -> None:
         self.store = store
         self.metrics = metrics
+        self.routers = routers
 
     async def intercept_service(
         self,
@@ -83,35 +96,38 @@ class NodeGate(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or details.method.startswith(UNCOUNTED_PREFIXES):
             return handler  # unknown methods stay UNIMPLEMENTED
-        public = details.method in PUBLIC_METHODS
-        credential = None if public else bearer_credential(details.invocation_metadata)
+        caller = ("public" if details.method in PUBLIC_METHODS
+                  else "router" if details.method in ROUTER_METHODS else "node")
+        credential = None if caller == "public" else bearer_credential(
+            details.invocation_metadata)
         name = details.method.rsplit("/", 1)[-1]
         if handler.unary_unary:
-            return self._unary(handler, name, public, credential)
+            return self._unary(handler, name, caller, credential)
         if handler.unary_stream:
-            return self._streaming(handler, name, public, credential)
+            return self._streaming(handler, name, caller, credential)
         # Control has no client-streaming methods; refusing beats letting one in unchecked.
         raise NotImplementedError(f"NodeGate cannot guard client-streaming {details.method}")
 
-    async def _admit(self, public: bool, credential: str | None,
+    async def _admit(self, caller: str, credential: str | None,
                      context: grpc.aio.ServicerContext) -> None:
-        if public:
+        if caller == "public":
             return
+        check = self.routers.authenticate if caller == "router" else self.store.authenticate
         try:
-            node_id = await asyncio.to_thread(self.store.authenticate, credential or "")
+            who = await asyncio.to_thread(check, credential or "")
         except TandemError as e:
             await abort(context, e)
         # No reset: each RPC runs in its own task (its own context), which ends with it.
-        CURRENT_NODE.set(node_id)
+        (CURRENT_ROUTER if caller == "router" else CURRENT_NODE).set(who)
 
-    def _unary(self, handler: grpc.RpcMethodHandler, name: str, public: bool,
+    def _unary(self, handler: grpc.RpcMethodHandler, name: str, caller: str,
                credential: str | None) -> grpc.RpcMethodHandler:
         inner = handler.unary_unary
 
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             failure: BaseException | None = None
             try:
-                await self._admit(public, credential, context)
+                await self._admit(caller, credential, context)
                 return await inner(request, context)
             except BaseException as e:
                 failure = e
@@ -123,7 +139,7 @@ class NodeGate(grpc.aio.ServerInterceptor):
             unary_unary, request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer)
 
-    def _streaming(self, handler: grpc.RpcMethodHandler, name: str, public: bool,
+    def _streaming(self, handler: grpc.RpcMethodHandler, name: str, caller: str,
                    credential: str | None) -> grpc.RpcMethodHandler:
         inner = handler.unary_stream
 
@@ -131,7 +147,7 @@ class NodeGate(grpc.aio.ServerInterceptor):
                                ) -> AsyncIterator[Any]:
             failure: BaseException | None = None
             try:
-                await self._admit(public, credential, context)
+                await self._admit(caller, credential, context)
                 async for message in inner(request, context):
                     yield message
             except BaseException as e:
@@ -145,6 +161,35 @@ class NodeGate(grpc.aio.ServerInterceptor):
             response_serializer=handler.response_serializer)
 
 
+class RolloutTicker:
+    """Runs ``controller.tick`` every ``interval_s`` (in a thread: it blocks on SQLite) until
+    ``stop``."""
+
+    def __init__(self, controller: RolloutController, interval_s: float) -> None:
+        self.controller = controller
+        self.interval_s = interval_s
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="rollout ticks")
+
+    async def stop(self) -> None:
+        """Let a tick under way finish (it may be writing a decision), then end."""
+        self._stopping.set()
+        if self._task is not None:
+            await self._task
+
+    async def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                await asyncio.to_thread(self.controller.tick)
+            except Exception:  # a busy database or a bug: the next tick tries again
+                log.exception("rollout tick failed; next one in %.0f s", self.interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.interval_s)
+
+
 @dataclass
 class ControlServer:
     """A started control server; ``stop()`` drains it and closes the database."""
@@ -156,6 +201,7 @@ class ControlServer:
     config: ControlConfig
     registry: CollectorRegistry
     metrics_endpoint: MetricsEndpoint | None = None
+    rollouts: RolloutTicker | None = None
 
     @property
     def address(self) -> str:
@@ -168,9 +214,16 @@ class ControlServer:
         ttl = self.config.token_ttl_s if ttl_s is None else ttl_s
         return self.data.store.create_join_token(ttl, note=note)
 
+    def create_router_token(self, *, note: str = "") -> str:
+        """A router token for ListNodes (shown once; only its digest is kept)."""
+        return RouterTokens(self.data.root).create(note=note)
+
     async def stop(self, grace_s: float | None = None) -> None:
-        """Graceful: NOT_SERVING, refuse new RPCs, let in-flight ones finish, close state."""
+        """Graceful: no more rollout decisions, NOT_SERVING, refuse new RPCs, let in-flight
+        ones finish, close state."""
         grace = self.config.server.grace_s if grace_s is None else grace_s
+        if self.rollouts is not None:
+            await self.rollouts.stop()
 
         async def after_drain() -> None:
             # Metrics stayed scrapable through the drain; they read the database, so they stop
@@ -183,8 +236,14 @@ class ControlServer:
 
 
 async def start_control_server(config: ControlConfig,
-                               registry: CollectorRegistry | None = None) -> ControlServer:
-    """Open the data directory and serve tandem.v1.Control; returns once health says SERVING."""
+                               registry: CollectorRegistry | None = None,
+                               rollout: RolloutConfig | None = None) -> ControlServer:
+    """Open the data directory and serve tandem.v1.Control; returns once health says SERVING.
+
+    ``rollout`` (default: the defaults, nodes stale after three heartbeat intervals) drives the
+    controller that ticks in the background.
+    """
+    rollout = rollout or RolloutConfig(node_stale_s=3 * config.heartbeat_interval_s)
     data = await asyncio.to_thread(ControlData.open, config.data_dir)
     registry = CollectorRegistry() if registry is None else registry
     metrics = ControlMetrics(registry)
@@ -195,7 +254,9 @@ async def start_control_server(config: ControlConfig,
         endpoint = serve_metrics(registry, config.server.host, config.metrics)
         server, port, health = build_server(
             config.server, lambda s: add_control_servicer(s, servicer), [CONTROL_SERVICE],
-            interceptors=[NodeGate(data.store, metrics)])
+            interceptors=[NodeGate(data.store, metrics, RouterTokens(data.root))])
+        # `tandem rollout status` in another process judges with the thresholds we decide by.
+        await asyncio.to_thread(rollout.save, data.root)
         await server.start()
     except BaseException:
         if endpoint is not None:
@@ -203,15 +264,20 @@ async def start_control_server(config: ControlConfig,
         data.close()
         raise
     await set_serving(health, [CONTROL_SERVICE])
+    ticker = RolloutTicker(RolloutController(data.store, rollout), rollout.tick_interval_s)
+    ticker.start()
     current = data.store.current_version()
-    log.info("control plane serving on %s:%d (data %s, fleet version %s, signing key %s)",
-             config.server.host, port, config.data_dir, current or "none", data.key.key_id)
-    return ControlServer(server, port, health, data, config, registry, endpoint)
+    log.info("control plane serving on %s:%d (data %s, fleet version %s, signing key %s, "
+             "rollouts %s every %g s)", config.server.host, port, config.data_dir,
+             current or "none", data.key.key_id,
+             "decided" if rollout.auto_decide else "judged", rollout.tick_interval_s)
+    return ControlServer(server, port, health, data, config, registry, endpoint, ticker)
 
 
-async def run_control_server(config: ControlConfig) -> None:
+async def run_control_server(config: ControlConfig,
+                             rollout: RolloutConfig | None = None) -> None:
     """Serve until SIGINT/SIGTERM, then drain (the CLI's entry point)."""
-    running = await start_control_server(config)
+    running = await start_control_server(config, rollout=rollout)
     try:
         await wait_for_signal()
     finally:

@@ -3,7 +3,8 @@ out; each typed error becomes one status code (``tandem.serving.grpc_server.abor
 
 Store calls block on SQLite (fsync on every commit) and file reads: they run in threads, so the
 event loop keeps serving heartbeats while a node downloads. The node an RPC runs for is set in
-``CURRENT_NODE`` by the gate in ``cloud.control.server`` (every method but Enroll needs one).
+``CURRENT_NODE`` by the gate in ``cloud.control.server`` (every method but Enroll and ListNodes
+needs one); ListNodes runs for a router, named in ``CURRENT_ROUTER``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from cloud.control.config import ControlConfig
 from cloud.control.datadir import ControlData
 from cloud.control.errors import DataLoss
 from cloud.control.metrics import ControlMetrics
-from cloud.control.records import NodeLoad, NodeResources, VersionOutcome
+from cloud.control.records import NodeLoad, NodeRecord, NodeResources, VersionOutcome
 from model.manifest import ArtifactIntegrityError
 from protos.tandem.v1 import control_pb2 as pb
 from tandem.errors import InvalidRequest, PermissionDenied, TandemError, Unavailable
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 CONTROL_SERVICE = "tandem.v1.Control"
 # The node the running RPC authenticated as; set in the RPC's own task by the gate.
 CURRENT_NODE: ContextVar[str | None] = ContextVar("tandem_current_node", default=None)
+# The router token id a ListNodes call authenticated with; set by the same gate.
+CURRENT_ROUTER: ContextVar[str | None] = ContextVar("tandem_current_router", default=None)
 
 T = TypeVar("T")
 M = TypeVar("M")
@@ -74,8 +77,21 @@ async def _node_for(node_id: str, context: grpc.aio.ServicerContext) -> str:
     return node
 
 
+def node_status(node: NodeRecord, now: float, max_age_s: float) -> pb.NodeStatus:
+    """A node as ListNodes describes it to routers."""
+    status = pb.NodeStatus(
+        node_id=node.node_id, hostname=node.hostname,
+        inference_address=node.inference_address, served_version=node.served_version or "",
+        desired_version=node.desired_version, healthy=node.healthy,
+        live=node.is_live(now, max_age_s))
+    if node.last_heartbeat is not None:
+        status.last_heartbeat_age_s = max(0.0, now - node.last_heartbeat)
+    return status
+
+
 class ControlServicer:
-    """The Control service: enrollment, heartbeats, signed manifests, artifact downloads."""
+    """The Control service: enrollment, heartbeats, signed manifests, artifact downloads, and
+    the fleet's list for routers."""
 
     def __init__(self, data: ControlData, config: ControlConfig,
                  metrics: ControlMetrics | None = None) -> None:
@@ -163,6 +179,17 @@ class ControlServicer:
         await _call(context, self.data.store.record_outcomes, node, req.window_s, outcomes)
         return pb.OutcomeAck()
 
+    async def ListNodes(self, raw: pb.ListNodesRequest | Undecodable,
+                        context: grpc.aio.ServicerContext) -> pb.ListNodesResponse:
+        await _parsed(raw, context)
+        if CURRENT_ROUTER.get() is None:  # the gate always sets it; without it, a bug
+            raise RuntimeError("ListNodes ran without the router gate")
+        nodes = await _call(context, self.data.store.nodes)
+        now = self.data.store.clock()
+        # Live means what the fleet metrics mean: healthy, heard from in three intervals.
+        max_age_s = 3 * self.config.heartbeat_interval_s
+        return pb.ListNodesResponse(nodes=[node_status(n, now, max_age_s) for n in nodes])
+
 
 def _lenient(message_cls: Any) -> Callable[[bytes], Any]:
     # grpc answers an undecodable request with INTERNAL; a node deserves INVALID_ARGUMENT.
@@ -186,6 +213,7 @@ def add_control_servicer(server: grpc.aio.Server, servicer: ControlServicer) -> 
         "FetchArtifact": grpc.unary_stream_rpc_method_handler(
             servicer.FetchArtifact, _lenient(pb.FetchArtifactRequest), ser),
         "ReportOutcomes": unary(servicer.ReportOutcomes, _lenient(pb.OutcomeReport), ser),
+        "ListNodes": unary(servicer.ListNodes, _lenient(pb.ListNodesRequest), ser),
     }
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(CONTROL_SERVICE, handlers),))

@@ -1,9 +1,9 @@
 """The control plane's commands, added to existing groups:
 
-``tandem cloud control serve``, ``tandem cloud token create|list``, ``tandem cloud nodes`` (via
-``register_cloud``) and ``tandem model publish|versions`` (via ``register_model``). Each works on
-a data directory (``--data-dir``, env TANDEM_CONTROL_DIR, default ~/.tandem/control) on the host
-that runs the control plane; several commands may use it at once.
+``tandem cloud control serve``, ``tandem cloud token create|list|revoke``, ``tandem cloud
+nodes`` (via ``register_cloud``) and ``tandem model publish|versions`` (via ``register_model``).
+Each works on a data directory (``--data-dir``, env TANDEM_CONTROL_DIR, default
+~/.tandem/control) on the host that runs the control plane; several commands may use it at once.
 """
 
 from __future__ import annotations
@@ -66,19 +66,43 @@ def register_cloud(sub: Any) -> None:
                        help=f"Prometheus /metrics port on --host (default {METRICS_PORT}, or "
                             "any free port if it is taken; 0: any free port)")
     serve.add_argument("--no-metrics", action="store_true", help="export no metrics")
+    canary = serve.add_argument_group("canary rollouts (see `tandem rollout`)")
+    canary.add_argument("--rollout-window", type=parse_duration, default=600.0,
+                        metavar="DURATION", help="outcomes compared over the last (default 10m)")
+    canary.add_argument("--rollout-min-requests", type=int, default=100, metavar="N",
+                        help="requests each side needs in the window before a verdict "
+                             "(default 100)")
+    canary.add_argument("--rollout-min-duration", type=parse_duration, default=120.0,
+                        metavar="DURATION", help="promote no sooner than this (default 2m)")
+    canary.add_argument("--rollout-load-timeout", type=parse_duration, default=300.0,
+                        metavar="DURATION", help="canaries not serving the version by then "
+                                                 "roll it back (default 5m)")
+    canary.add_argument("--rollout-interval", type=parse_duration, default=10.0,
+                        metavar="DURATION", help="how often rollouts are judged (default 10s)")
+    canary.add_argument("--no-auto-rollout", action="store_true",
+                        help="only judge; an operator promotes or aborts")
     serve.set_defaults(func=cmd_serve)
 
     token = sub.add_parser("token", help="join tokens that let an edge node enroll")
     token_sub = token.add_subparsers(dest="token_command", metavar="ACTION", required=True)
-    create = token_sub.add_parser("create", help="make a single-use join token (shown once)")
+    create = token_sub.add_parser("create", help="make a single-use join token, or a router "
+                                                 "token with --router (shown once)")
     _data_dir_flag(create)
     create.add_argument("--ttl", type=parse_duration, default=3600.0, metavar="DURATION",
-                        help="how long the token stays valid: 30m, 1h, 2d (default 1h)")
+                        help="how long the join token stays valid: 30m, 1h, 2d (default 1h)")
+    create.add_argument("--router", action="store_true",
+                        help="a router token instead: lets `tandem router serve --control` "
+                             "list the edge nodes; valid until revoked")
     create.add_argument("--note", default="", help="what the token is for (shown in lists)")
     create.set_defaults(func=cmd_token_create)
-    listing = token_sub.add_parser("list", help="show join tokens (never their secrets)")
+    listing = token_sub.add_parser("list", help="show join and router tokens (never their "
+                                                "secrets)")
     _data_dir_flag(listing)
     listing.set_defaults(func=cmd_token_list)
+    revoke = token_sub.add_parser("revoke", help="revoke a router token")
+    revoke.add_argument("token_id", metavar="TOKEN_ID", help="as `tandem cloud token list` shows")
+    _data_dir_flag(revoke)
+    revoke.set_defaults(func=cmd_token_revoke)
 
     nodes = sub.add_parser("nodes", help="show enrolled edge nodes and what they serve")
     _data_dir_flag(nodes)
@@ -136,6 +160,7 @@ def _ago(ts: float | None, now: float) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from cloud.control.config import ControlConfig
+    from cloud.control.rollout import RolloutConfig
     from cloud.control.server import run_control_server
     from tandem.serving.grpc_server import ServerConfig
     from tandem.serving.metrics import MetricsConfig
@@ -146,7 +171,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         heartbeat_interval_s=args.heartbeat_interval,
         metrics=MetricsConfig.from_flags(args.metrics_port, METRICS_PORT, args.no_metrics),
     )
-    asyncio.run(run_control_server(config))
+    rollout = RolloutConfig(
+        window_s=args.rollout_window, min_requests=args.rollout_min_requests,
+        min_duration_s=args.rollout_min_duration, load_timeout_s=args.rollout_load_timeout,
+        tick_interval_s=args.rollout_interval, auto_decide=not args.no_auto_rollout,
+        # Live as the fleet metrics and ListNodes count it: heard from in three heartbeats.
+        node_stale_s=3 * args.heartbeat_interval,
+    )
+    asyncio.run(run_control_server(config, rollout))
     return 0
 
 
@@ -154,6 +186,8 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     from cloud.control.credentials import parse_join_token
     from cloud.control.datadir import ControlData
 
+    if args.router:
+        return _router_token_create(args)
     with ControlData.open(_data_dir(args)) as data:
         token = data.store.create_join_token(args.ttl, note=args.note)
     parsed = parse_join_token(token)
@@ -166,13 +200,28 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _router_token_create(args: argparse.Namespace) -> int:
+    from cloud.control.router_tokens import RouterTokens
+
+    root = _data_dir(args)
+    token = RouterTokens(root).create(note=args.note)
+    print(f"router token: {token}")
+    print("It is shown once and cannot be recovered; it stays valid until "
+          "`tandem cloud token revoke ID`. On the router host run:")
+    print(f"  TANDEM_ROUTER_TOKEN={token} tandem router serve "
+          f"--control CONTROL_HOST:{DEFAULT_PORT} [--backend CLOUD_HOST:50051]")
+    return 0
+
+
 def cmd_token_list(args: argparse.Namespace) -> int:
     from cloud.control.datadir import ControlData
+    from cloud.control.router_tokens import RouterTokens
 
     with ControlData.open(_data_dir(args)) as data:
         tokens = data.store.join_tokens()
+    routers = RouterTokens(_data_dir(args)).tokens()
     now = time.time()
-    print(f"{'TOKEN ID':<18} {'CREATED':<20} {'STATE':<34} NOTE")
+    print(f"{'TOKEN ID':<18} {'KIND':<7} {'CREATED':<20} {'STATE':<34} NOTE")
     for t in tokens:
         if t.used_at is not None:
             state = f"used by {t.used_by} {_ago(t.used_at, now)}"
@@ -180,8 +229,23 @@ def cmd_token_list(args: argparse.Namespace) -> int:
             state = "expired"
         else:
             state = f"valid until {_when(t.expires_at)}"
-        print(f"{t.token_id:<18} {_when(t.created_at):<20} {state:<34} {t.note}")
+        print(f"{t.token_id:<18} {'join':<7} {_when(t.created_at):<20} {state:<34} {t.note}")
+    for r in routers:
+        print(f"{r.token_id:<18} {'router':<7} {_when(r.created_at):<20} "
+              f"{'valid until revoked':<34} {r.note}")
     return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    from cloud.control.router_tokens import RouterTokens
+
+    def revoke() -> int:
+        RouterTokens(_data_dir(args)).revoke(args.token_id)
+        print(f"revoked router token {args.token_id}: routers using it are refused from their "
+              "next poll")
+        return 0
+
+    return _guarded(revoke)
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:

@@ -17,8 +17,19 @@ def register(groups: Any) -> None:
     router = groups.add_parser("router", help="the adaptive router (one endpoint, both tiers)")
     sub = router.add_subparsers(dest="command", metavar="ACTION", required=True)
     serve = sub.add_parser("serve", help="route requests to edge nodes and the cloud tier")
-    serve.add_argument("--backend", action="append", default=[], required=True,
-                       metavar="HOST:PORT", help="an edge node or cloud replica (repeatable)")
+    serve.add_argument("--backend", action="append", default=[], metavar="HOST:PORT",
+                       help="an edge node or cloud replica (repeatable); at least one, or "
+                            "--control")
+    fleet = serve.add_argument_group("edge nodes from the control plane")
+    fleet.add_argument("--control", default=None, metavar="HOST:PORT",
+                       help="control plane to learn enrolled edge nodes from (nodes installed "
+                            "later get traffic without a router restart)")
+    fleet.add_argument("--control-token", default=os.environ.get("TANDEM_ROUTER_TOKEN"),
+                       metavar="TOKEN",
+                       help="router token from `tandem cloud token create --router` (env "
+                            "TANDEM_ROUTER_TOKEN, which keeps it out of process listings)")
+    fleet.add_argument("--discovery-interval", type=float, default=3.0, metavar="SECONDS",
+                       help="how often the control plane is asked for nodes (default 3)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=50050)
     serve.add_argument("--node-id", default="router")
@@ -57,6 +68,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from model.demo import DEMO_DIR
     from router.cache import CacheConfig
+    from router.discovery import DiscoveryConfig
     from router.frontdoor import FrontDoorConfig
     from router.keys import AuthConfig
     from router.policy import PolicyConfig
@@ -71,8 +83,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         overrides["difficulty_threshold"] = args.difficulty_threshold
     if args.cascade_threshold is not None:
         overrides["cascade_threshold"] = args.cascade_threshold
+    discovery = None
+    if args.control:
+        discovery = DiscoveryConfig(args.control, args.control_token or "",
+                                    interval_s=args.discovery_interval)
+    elif args.control_token:
+        raise ValueError("--control-token needs --control HOST:PORT")
     config = RouterConfig(
         backends=args.backend,
+        discovery=discovery,
         server=ServerConfig(host=args.host, port=args.port),
         policy=dataclasses.replace(PolicyConfig(), **overrides),
         node_id=args.node_id,

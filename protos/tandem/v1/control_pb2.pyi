@@ -143,3 +143,33 @@ class OutcomeReport(_message.Message):
 class OutcomeAck(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class ListNodesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NodeStatus(_message.Message):
+    __slots__ = ("node_id", "hostname", "inference_address", "served_version", "desired_version", "healthy", "last_heartbeat_age_s", "live")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    INFERENCE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    SERVED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    LAST_HEARTBEAT_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    hostname: str
+    inference_address: str
+    served_version: str
+    desired_version: str
+    healthy: bool
+    last_heartbeat_age_s: float
+    live: bool
+    def __init__(self, node_id: _Optional[str] = ..., hostname: _Optional[str] = ..., inference_address: _Optional[str] = ..., served_version: _Optional[str] = ..., desired_version: _Optional[str] = ..., healthy: bool = ..., last_heartbeat_age_s: _Optional[float] = ..., live: bool = ...) -> None: ...
+
+class ListNodesResponse(_message.Message):
+    __slots__ = ("nodes",)
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ...) -> None: ...

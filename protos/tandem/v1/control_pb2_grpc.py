@@ -59,6 +59,11 @@ class ControlStub(object):
                 request_serializer=protos_dot_tandem_dot_v1_dot_control__pb2.OutcomeReport.SerializeToString,
                 response_deserializer=protos_dot_tandem_dot_v1_dot_control__pb2.OutcomeAck.FromString,
                 _registered_method=True)
+        self.ListNodes = channel.unary_unary(
+                '/tandem.v1.Control/ListNodes',
+                request_serializer=protos_dot_tandem_dot_v1_dot_control__pb2.ListNodesRequest.SerializeToString,
+                response_deserializer=protos_dot_tandem_dot_v1_dot_control__pb2.ListNodesResponse.FromString,
+                _registered_method=True)
 
 
 class ControlServicer(object):
@@ -97,6 +102,13 @@ class ControlServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListNodes(self, request, context):
+        """Every enrolled node with its address, version and liveness (for routers).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -124,6 +136,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.ReportOutcomes,
                     request_deserializer=protos_dot_tandem_dot_v1_dot_control__pb2.OutcomeReport.FromString,
                     response_serializer=protos_dot_tandem_dot_v1_dot_control__pb2.OutcomeAck.SerializeToString,
+            ),
+            'ListNodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListNodes,
+                    request_deserializer=protos_dot_tandem_dot_v1_dot_control__pb2.ListNodesRequest.FromString,
+                    response_serializer=protos_dot_tandem_dot_v1_dot_control__pb2.ListNodesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -261,6 +278,33 @@ class Control(object):
             '/tandem.v1.Control/ReportOutcomes',
             protos_dot_tandem_dot_v1_dot_control__pb2.OutcomeReport.SerializeToString,
             protos_dot_tandem_dot_v1_dot_control__pb2.OutcomeAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListNodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Control/ListNodes',
+            protos_dot_tandem_dot_v1_dot_control__pb2.ListNodesRequest.SerializeToString,
+            protos_dot_tandem_dot_v1_dot_control__pb2.ListNodesResponse.FromString,
             options,
             channel_credentials,
             insecure,

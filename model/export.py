@@ -20,6 +20,7 @@ from importlib import metadata
 from pathlib import Path
 
 from model.manifest import QUANTIZATIONS, Manifest, build_manifest, write_manifest
+from tandem.durable import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -221,15 +222,8 @@ def _fsync_tree(root: Path) -> None:
         for name in filenames:
             with open(Path(dirpath) / name, "rb") as fh:
                 os.fsync(fh.fileno())
-        _fsync_dir(Path(dirpath))
+        fsync_dir(Path(dirpath))
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _swap_into_place(new: Path, out_dir: Path, work: Path) -> None:
@@ -248,4 +242,4 @@ def _swap_into_place(new: Path, out_dir: Path, work: Path) -> None:
         if had_previous:
             previous.rename(out_dir)
         raise
-    _fsync_dir(out_dir.parent)
+    fsync_dir(out_dir.parent)

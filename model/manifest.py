@@ -11,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
+
+from tandem.durable import write_atomic
 
 FORMAT = "onnxruntime-genai"
 FORMAT_VERSION = 1
@@ -202,16 +203,7 @@ def write_manifest(root: str | Path, manifest: Manifest) -> Path:
     """Write ``root/manifest.json`` atomically (temp file, fsync, rename) and return its path."""
     root = Path(root)
     target = root / MANIFEST_NAME
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_NAME}.", dir=root)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(manifest.to_json_bytes())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(target, manifest.to_json_bytes())
     return target
 
 

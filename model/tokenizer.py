@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+from tandem.durable import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -239,14 +240,5 @@ def _token_content(value: Any) -> str | None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    # A reader (an edge node swapping models) never sees half a file: write, fsync, rename.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # A reader (an edge node swapping models) never sees half a file.
+    write_atomic(path, text)

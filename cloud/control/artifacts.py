@@ -31,6 +31,7 @@ from model.manifest import (
     read_manifest,
     sha256_file,
 )
+from tandem.durable import fsync_dir
 from tandem.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ class ArtifactStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         return True
 
     def _write_atomically(self, target: Path, data: bytes) -> None:
@@ -162,7 +163,7 @@ class ArtifactStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
 
     def has_version(self, version: str) -> bool:
         return self.manifest_path(version).is_file()
@@ -216,11 +217,3 @@ class ArtifactStore:
         fh.seek(offset)
         return BlobReader(fh, entry, offset)
 
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (the directory entry, not just the file)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

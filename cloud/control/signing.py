@@ -20,6 +20,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from tandem.durable import fsync_dir
+
 log = logging.getLogger(__name__)
 
 SIGNATURE_BYTES = 64
@@ -141,7 +143,7 @@ class SigningKey:
                 os.link(tmp, path)
             except FileExistsError:
                 return
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
             log.info("created manifest signing key %s", path)
         finally:
             Path(tmp).unlink(missing_ok=True)
@@ -160,10 +162,3 @@ class SigningKey:
         """Fingerprint of the public key: ``ed25519:`` and 16 hex digits of its sha256."""
         return _key_id(self.private.public_key())
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

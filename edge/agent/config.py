@@ -11,9 +11,10 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+
+from tandem.durable import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -130,25 +131,6 @@ def write_node_config(data_dir: Path, node: NodeConfig) -> Path:
     data_dir = Path(data_dir)
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     target = data_dir / NODE_FILE
-    # mkstemp creates the file 0600: the credential is never readable by others, even briefly.
-    fd, tmp = tempfile.mkstemp(prefix=f".{NODE_FILE}.", dir=data_dir)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(node.to_json())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(data_dir)
+    # 0600 from its first byte: the credential is never readable by others, even briefly.
+    write_atomic(target, node.to_json(), mode=0o600)
     return target
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

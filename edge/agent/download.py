@@ -21,7 +21,7 @@ from pathlib import Path
 
 from cloud.control.signing import SignatureError, verify_manifest
 from edge.agent.client import ControlClient, ControlError
-from edge.agent.config import PARTIAL_DIR, check_version_name, fsync_dir
+from edge.agent.config import PARTIAL_DIR, check_version_name
 from model.manifest import (
     MANIFEST_NAME,
     ArtifactIntegrityError,
@@ -30,6 +30,7 @@ from model.manifest import (
     sha256_file,
     verify_artifact,
 )
+from tandem.durable import fsync_dir
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
@@ -187,6 +187,15 @@ class Backend:
                 log.exception("health check of %s failed", self.address)
             await asyncio.sleep(self.config.health_interval_s)
 
+    def observe_version(self, model_version: str) -> None:
+        """A response named the model that served it; a swapped node keeps its other info."""
+        info = self.info
+        if info is not None and model_version and model_version != info.served_by.model_version:
+            log.info("backend %s now serves %s (was %s)", self.label, model_version,
+                     info.served_by.model_version)
+            self.info = replace(info, served_by=replace(info.served_by,
+                                                        model_version=model_version))
+
     def observe_trailers(self, metadata: Iterable[tuple[str, Any]] | None) -> LoadTrailers:
         """Learn the load a response's trailing metadata reports."""
         t = parse_trailers(metadata)
@@ -216,6 +225,7 @@ class Backend:
             completion_tokens=self.stats.completion_tokens.value,
             max_context=info.max_context if info else None,
             model_version=info.served_by.model_version if info else "",
+            probe=self.stats.probe_due(),
         )
 
 

@@ -97,6 +97,8 @@ class BackendSnapshot:
     completion_tokens: float | None = None
     max_context: int | None = None
     model_version: str = ""
+    # Not timed lately and nothing in flight: ranked first once, to refresh its estimate.
+    probe: bool = False
 
     @property
     def label(self) -> str:
@@ -203,10 +205,12 @@ class RoutingPolicy:
         return None
 
     def rank(self, view: RequestView, backends: list[BackendSnapshot]) -> list[BackendSnapshot]:
-        """Least expected time first; ties go to the less loaded, then by name (stable)."""
+        """A backend due a probe first, then least expected time; ties go to the less loaded,
+        then by name (stable)."""
         return sorted(
             backends,
-            key=lambda b: (self.expected_total_ms(view, b), b.in_flight + b.queue_depth, b.name),
+            key=lambda b: (not b.probe, self.expected_total_ms(view, b),
+                           b.in_flight + b.queue_depth, b.name),
         )
 
     def scorers(self, backends: list[BackendSnapshot]) -> list[BackendSnapshot]:

@@ -130,6 +130,10 @@ async def relay(
                 outcome.failures.append(f"{backend.label} no first token in {first_wait:.1f} s")
                 continue
             ttft = time.monotonic() - start
+            if isinstance(chunk, pb.GenerateChunk) and chunk.HasField("served_by"):
+                # A hot swap changes the node's model without a health flip: learn it here, so
+                # the cache and the policy see the version that actually answers.
+                backend.observe_version(chunk.served_by.model_version)
             tokens = 0
             while chunk is not grpc.aio.EOF:
                 assert isinstance(chunk, pb.GenerateChunk)

@@ -23,10 +23,16 @@ class StatsConfig:
     # Reports arrive only with responses; after this long without one, the router's own count
     # is all it knows (otherwise a backend reported full would never be tried again).
     load_ttl_s: float = 2.0
+    # A backend not timed for this long gets the next request it can take, one at a time, and
+    # that sample replaces its averages: otherwise an estimate from a slow moment (or the prior
+    # of a newly added node) keeps it out of rotation for as long as the others keep up.
+    probe_after_s: float = 5.0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ewma_alpha <= 1.0:
             raise ValueError(f"ewma_alpha must be in (0, 1], got {self.ewma_alpha}")
+        if not self.probe_after_s > 0:
+            raise ValueError(f"probe_after_s must be > 0, got {self.probe_after_s}")
 
 
 class Ewma:
@@ -72,6 +78,7 @@ class BackendStats:
         self.slots: int | None = None
         self.capacity: int | None = None
         self._refused_until = float("-inf")
+        self._timed_at = float("-inf")  # when observe_stream last ran
 
     def begin(self) -> None:
         """The router sent this backend a call."""
@@ -110,10 +117,20 @@ class BackendStats:
 
     def observe_stream(self, ttft_s: float, total_s: float, completion_tokens: int) -> None:
         """A finished generation: time to its first chunk, to its end, and tokens produced."""
+        now = self._clock()
+        if now - self._timed_at > self.config.probe_after_s:  # stale averages: start afresh
+            for ewma in (self.ttft_ms, self.per_token_ms, self.completion_tokens):
+                ewma.value = None
+        self._timed_at = now
         self.ttft_ms.update(ttft_s * 1000.0)
         if completion_tokens > 1:
             self.per_token_ms.update((total_s - ttft_s) * 1000.0 / (completion_tokens - 1))
         self.completion_tokens.update(float(completion_tokens))
+
+    def probe_due(self) -> bool:
+        """Nothing of ours in flight and no generation timed for ``probe_after_s``."""
+        return (self.local_in_flight == 0
+                and self._clock() - self._timed_at > self.config.probe_after_s)
 
     def load(self) -> LoadEstimate:
         """The best current estimate: the larger of the fresh report and our own count."""

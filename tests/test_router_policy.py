@@ -180,6 +180,14 @@ def test_faster_backend_wins_at_equal_load() -> None:
     assert d.primary.node_id == "edge-2"
 
 
+def test_a_backend_due_a_probe_ranks_first_whatever_its_old_estimate() -> None:
+    fast = edge("edge-1", ttft_ms=10.0, per_token_ms=2.0)
+    stale = edge("edge-2", ttft_ms=500.0, per_token_ms=50.0, probe=True)
+    assert [b.node_id for b in POLICY.rank(view(), [fast, stale])] == ["edge-2", "edge-1"]
+    d = POLICY.decide(view(), [fast, stale, cloud()], difficulty=1.0)
+    assert d.primary.node_id == "edge-2"
+
+
 def test_expected_wait_grows_with_the_queue() -> None:
     b = edge(slots=2, ttft_ms=100.0, per_token_ms=10.0, completion_tokens=50)
     free = POLICY.expected_wait_ms(dataclasses.replace(b, in_flight=1))
@@ -368,6 +376,24 @@ def test_stream_timings_feed_ttft_and_per_token_averages() -> None:
     assert s.ttft_ms.value == pytest.approx(100.0)
     assert s.per_token_ms.value == pytest.approx(100.0)
     assert s.completion_tokens.value == 10
+
+
+def test_a_backend_not_timed_lately_is_probed_once_and_the_sample_replaces_its_averages() -> None:
+    clock = FakeClock()
+    s = BackendStats(StatsConfig(probe_after_s=5.0), clock)
+    assert s.probe_due()  # never timed: a node just added
+    s.observe_stream(ttft_s=0.5, total_s=1.0, completion_tokens=11)  # a slow moment
+    clock.now += 1
+    s.observe_stream(ttft_s=0.4, total_s=0.9, completion_tokens=11)
+    assert not s.probe_due() and s.ttft_ms.value == pytest.approx(470.0)
+    clock.now += 6  # the others kept up, so nothing more was sent its way
+    assert s.probe_due()
+    s.begin()
+    assert not s.probe_due()  # one probe at a time
+    s.observe_stream(ttft_s=0.01, total_s=0.11, completion_tokens=11)
+    s.end()
+    assert s.ttft_ms.value == pytest.approx(10.0) and s.per_token_ms.value == pytest.approx(10.0)
+    assert not s.probe_due()
 
 
 def test_load_is_the_larger_of_a_fresh_report_and_our_own_count() -> None:

@@ -12,7 +12,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
@@ -511,3 +511,22 @@ def test_router_config_is_checked() -> None:
         RouterConfig(backends=[])
     with pytest.raises(ValueError, match="HOST:PORT"):
         RouterConfig(backends=["localhost"])
+
+
+def test_router_learns_a_swapped_model_version_from_responses() -> None:
+    """A hot swap changes no health state; the router must still see the new version."""
+
+    async def scenario() -> None:
+        edge = TableEngine("edge", "edge-1")
+        async with cluster(edge) as c:
+            await c.stub.Generate(request(EASY, route=pb.ROUTE_EDGE), timeout=TIMEOUT)
+            backend = next(b for b in c.router.pool if b.tier == "edge")
+            assert backend.info is not None
+            assert backend.info.served_by.model_version == "edge-v1"
+            edge._info = replace(edge._info, served_by=replace(edge._info.served_by,
+                                                              model_version="edge-v2"))
+            r = await c.stub.Generate(request(EASY, route=pb.ROUTE_EDGE), timeout=TIMEOUT)
+            assert r.served_by.model_version == "edge-v2"
+            assert backend.info.served_by.model_version == "edge-v2"
+            assert backend.info.max_context == edge._info.max_context  # the rest is kept
+    run(scenario)

@@ -140,6 +140,14 @@ class CloudEngine:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10.0)
             self._thread = None
+        # Past the grace period: whatever is still accepted ends loudly, never hangs.
+        gone = Unavailable("the cloud engine stopped before this request finished; retry")
+        for slot, seq in list(self.scheduler.running.items()):
+            self._finish(slot, seq)
+            seq.emit(gone)
+        for seq in self.scheduler.drop_waiting(lambda _: False):
+            seq.done = True
+            seq.emit(gone)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         if self._thread is None or self._stopping:

@@ -147,3 +147,20 @@ async def test_stopped_engine_refuses_work() -> None:
     await eng.stop(1.0)
     with pytest.raises(Unavailable):
         await _collect(eng.generate(_req(PROMPTS[0])))
+
+
+async def test_stop_past_the_grace_period_fails_accepted_work_loudly() -> None:
+    eng = CloudEngine(CloudEngineConfig(checkpoint=DEMO_DIR / "cloud"))
+    await eng.start()
+    # Hold the engine thread so the request is still accepted-but-unfinished at the stop.
+    busy = asyncio.ensure_future(eng._call_in_engine(lambda: time.sleep(0.3)))
+    stream = eng.generate(_req(PROMPTS[3], 400))
+    first = asyncio.ensure_future(stream.__anext__())
+    await _until(lambda: eng.load().queue_depth == 1 or first.done())
+    await eng.stop(0.0)
+    await busy
+    with pytest.raises(Unavailable, match="stopped before this request finished"):
+        await first
+        async for _ in stream:
+            pass
+    assert eng.load().in_flight == 0 and eng.load().queue_depth == 0

@@ -57,6 +57,9 @@ def register(groups: Any) -> None:
     door.add_argument("--on-redis-error", choices=("open", "closed"), default="open",
                       help="rate limiting while Redis is down: open serves on a local bucket "
                            "and logs loudly, closed refuses (default open)")
+    door.add_argument("--router-replicas", type=int, default=1, metavar="N",
+                      help="routers sharing the Redis: while it is down each admits 1/N of a "
+                           "key's rate, so the fleet keeps the limit (default 1)")
     door.add_argument("--tokenizer", type=Path, default=None,
                       help="tokenizer directory to count prompt tokens for the rate-limit cost "
                            "(default: the demo model's)")
@@ -101,7 +104,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             auth=AuthConfig(enabled=bool(args.redis_url) and not args.no_auth,
                             pepper=os.environ.get("TANDEM_API_KEY_PEPPER", "").encode() or None),
             rate_limit=None if args.no_rate_limit else RateLimitConfig(
-                on_redis_error=args.on_redis_error),
+                on_redis_error=args.on_redis_error,
+                local_rate_share=1.0 / max(1, args.router_replicas)),
             cache=CacheConfig(enabled=not args.no_cache),
             tokenizer_dir=args.tokenizer or DEMO_DIR / "edge",
         ),

@@ -10,6 +10,7 @@ reflection pass without a key; any other method, known today or added later, nee
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -45,9 +46,12 @@ def _route(request: Any) -> str | None:
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     """Admits an RPC only with a valid key allowed its route; the key lands in CURRENT_KEY."""
 
-    def __init__(self, store: KeyStore, public: Sequence[str] = PUBLIC_PREFIXES) -> None:
+    def __init__(self, store: KeyStore, public: Sequence[str] = PUBLIC_PREFIXES,
+                 on_reject: Callable[[str, str], None] | None = None) -> None:
         self.store = store
         self.public = tuple(public)
+        # on_reject(method, status): refused calls never reach the servicer that counts RPCs.
+        self.on_reject = on_reject
 
     async def intercept_service(
         self,
@@ -61,10 +65,10 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
                      None)
         if isinstance(token, bytes):
             token = token.decode(errors="replace")
-        return self._wrap(handler, token)
+        return self._wrap(handler, token, details.method.rsplit("/", 1)[-1])
 
     async def _admit(self, token: str | None, request: Any,
-                     context: grpc.aio.ServicerContext) -> None:
+                     context: grpc.aio.ServicerContext, method: str = "") -> None:
         """Verify, check the route, publish the key; aborts the RPC on any refusal."""
         record: KeyRecord | None = None
         try:
@@ -76,12 +80,15 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
                     f"{', '.join(record.routes)}): send one of those, or use a key created "
                     f"with --routes including {route}")
         except TandemError as e:
+            if self.on_reject is not None:
+                self.on_reject(method, e.status)
             await abort(context, e)
         # No reset: each RPC runs in its own task (its own context), which ends with it.
         CURRENT_KEY.set(record)
 
-    def _wrap(self, handler: grpc.RpcMethodHandler, token: str | None) -> grpc.RpcMethodHandler:
-        admit = self._admit
+    def _wrap(self, handler: grpc.RpcMethodHandler, token: str | None, method: str
+              ) -> grpc.RpcMethodHandler:
+        admit = functools.partial(self._admit, method=method)
         kw = {"request_deserializer": handler.request_deserializer,
               "response_serializer": handler.response_serializer}
         if handler.unary_unary:
@@ -135,7 +142,8 @@ async def _responses(result: Any) -> AsyncIterator[Any]:
         await result
 
 
-def auth_interceptors(config: AuthConfig, store: KeyStore | None
+def auth_interceptors(config: AuthConfig, store: KeyStore | None,
+                      on_reject: Callable[[str, str], None] | None = None
                       ) -> list[grpc.aio.ServerInterceptor]:
     """The interceptors ``build_server`` needs: the key gate, or none when auth is off."""
     if not config.enabled:
@@ -143,4 +151,4 @@ def auth_interceptors(config: AuthConfig, store: KeyStore | None
         return []
     if store is None:
         raise ValueError("auth is enabled but no key store was given (pass --redis-url)")
-    return [ApiKeyInterceptor(store)]
+    return [ApiKeyInterceptor(store, on_reject=on_reject)]

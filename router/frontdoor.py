@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -68,8 +68,11 @@ class FrontDoor:
                  "on" if self.keys else "off", "on" if self.limiter else "off",
                  ("shared in Redis" if self.redis else "local") if config.cache.enabled else "off")
 
-    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        return auth_interceptors(self.config.auth, self.keys)
+    def interceptors(
+        self, on_reject: Callable[[str, str], None] | None = None
+    ) -> list[grpc.aio.ServerInterceptor]:
+        """The key gate (none when auth is off); ``on_reject(method, status)`` counts refusals."""
+        return auth_interceptors(self.config.auth, self.keys, on_reject)
 
     def prompt_tokens(self, prompt: str) -> int:
         if self._tokenizer is not None:

@@ -93,7 +93,9 @@ async def start_router(
     try:
         server, port, health = build_server(
             config.server, lambda s: add_inference_servicer(s, servicer), [INFERENCE_SERVICE],
-            interceptors=front.interceptors(),
+            interceptors=front.interceptors(
+                lambda method, status: metrics.observe_request("none", "none", status,
+                                                               method=method)),
         )
     except BaseException:
         if endpoint is not None:

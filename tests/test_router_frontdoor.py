@@ -81,6 +81,15 @@ async def test_keys_gate_every_call(stack) -> None:
     assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
     ok = await stub.Generate(_req(), metadata=_md(keys["big"]), timeout=20)
     assert ok.text and not ok.cached
+    # Refused calls never reach the servicer; the interceptor still counts them.
+    router = stack[4]
+    counted = {
+        status: router.metrics.registry.get_sample_value(
+            "tandem_router_requests_total",
+            {"method": "Generate", "route": "none", "tier": "none", "status": status})
+        for status in ("UNAUTHENTICATED", "PERMISSION_DENIED")
+    }
+    assert counted == {"UNAUTHENTICATED": 2.0, "PERMISSION_DENIED": 1.0}, counted
 
 
 async def test_cache_hit_costs_no_backend_work_and_replays_the_stream(stack) -> None:

@@ -19,9 +19,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +28,8 @@ from pathlib import Path
 from edge.admission import Admission
 from edge.outcomes import Tally, VersionOutcome
 from edge.runtime import EdgeRuntime
+from edge.sequence import EdgeSequence, LoadedModel, chunk_stream, decode_worker
 from model.manifest import Manifest, read_manifest
-from model.textstream import TextStream
 from model.tokenizer import Tokenizer
 from tandem.errors import (
     DeadlineExceeded,
@@ -46,8 +45,6 @@ from tandem.serving.engine_api import (
     EngineLoad,
     ScoreResult,
     ServedBy,
-    Timings,
-    Usage,
 )
 
 log = logging.getLogger(__name__)
@@ -91,58 +88,6 @@ class EdgeEngineConfig:
             raise ValueError(f"threads must be >= 1 or None, got {self.threads}")
 
 
-@dataclass(frozen=True)
-class _End:
-    """The worker's last event: why decoding ended and when."""
-
-    reason: str  # "eos" | "length"
-    at: float
-
-
-# What a worker thread hands to the event loop: (token id, time produced), _End, or an error.
-_Event = tuple[int, float] | _End | BaseException
-
-
-@dataclass(eq=False)
-class _Model:
-    """One loaded artifact with its own threads; a request pins the model it started on."""
-
-    runtime: EdgeRuntime
-    tokenizer: Tokenizer
-    info: EngineInfo
-    # A cancelled sequence frees its slot at once while its thread finishes the step it is
-    # in; the spare threads keep that step from delaying the next admitted sequence.
-    decode_pool: ThreadPoolExecutor
-    # Scores are one prefill each: their own threads, so they never wait behind decoding.
-    score_pool: ThreadPoolExecutor
-    users: int = 0  # generations and scores running on this model
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def __post_init__(self) -> None:
-        self.idle.set()
-
-    @property
-    def version(self) -> str:
-        return self.info.served_by.model_version
-
-    def close(self) -> None:
-        # No wait: a thread mid-step sees its sequence cancelled and exits at the next token.
-        for pool in (self.decode_pool, self.score_pool):
-            pool.shutdown(wait=False, cancel_futures=True)
-
-
-@dataclass(eq=False)
-class _Sequence:
-    """One admitted request: its prompt ids, its model and the channel from its worker thread."""
-
-    request: GenerationRequest
-    prompt_ids: list[int]
-    model: _Model
-    events: asyncio.Queue[_Event]
-    # Set by the event loop (client gone, stop matched, deadline, shutdown); read by the worker.
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-
 def _engine_info(config: EdgeEngineConfig, manifest: Manifest, max_context: int) -> EngineInfo:
     return EngineInfo(
         served_by=ServedBy("edge", config.node_id, manifest.model_version),
@@ -165,12 +110,12 @@ class EdgeEngine:
         self._info = _engine_info(
             config, read_manifest(artifact), int(genai["model"]["context_length"])
         )
-        self._model: _Model | None = None
-        self._retiring: set[_Model] = set()  # swapped out, finishing their requests
+        self._model: LoadedModel | None = None
+        self._retiring: set[LoadedModel] = set()  # swapped out, finishing their requests
         self._loading: str | None = None
         self._swap_lock = asyncio.Lock()
         self._admission = Admission(config.max_concurrency, config.max_queue)
-        self._active: set[_Sequence] = set()
+        self._active: set[EdgeSequence] = set()
         self._draining = False
         self._outcomes: dict[str, Tally] = {}
         self._tokens_generated = 0
@@ -322,7 +267,7 @@ class EdgeEngine:
             await self._admission.acquire(request.deadline, f"edge node {self.config.node_id}")
             admitted = time.monotonic()
             loop = asyncio.get_running_loop()
-            seq = _Sequence(request, ids, model, asyncio.Queue())
+            seq = EdgeSequence(request, ids, model, asyncio.Queue())
             self._active.add(seq)
             timer = None
             if request.deadline is not None:
@@ -335,7 +280,7 @@ class EdgeEngine:
             tokens = 0
             try:
                 self._launch(seq, loop)
-                async for chunk in self._chunks(seq, arrival, admitted):
+                async for chunk in chunk_stream(seq, arrival, admitted):
                     if chunk.usage is not None:
                         tokens = chunk.usage.completion_tokens
                     yield chunk
@@ -380,7 +325,7 @@ class EdgeEngine:
 
     # ---- internals ----------------------------------------------------------------------
 
-    def _check_accepting(self) -> _Model:
+    def _check_accepting(self) -> LoadedModel:
         if self._draining:
             raise Unavailable(
                 f"edge node {self.config.node_id} is draining (shutting down); "
@@ -390,14 +335,14 @@ class EdgeEngine:
             raise Unavailable(f"edge node {self.config.node_id} is loading its model; retry")
         return self._model
 
-    def _pin(self) -> _Model:
+    def _pin(self) -> LoadedModel:
         """The model a new request runs on, held until ``_unpin`` (a swap drains it)."""
         model = self._check_accepting()
         model.users += 1
         model.idle.clear()
         return model
 
-    def _unpin(self, model: _Model) -> None:
+    def _unpin(self, model: LoadedModel) -> None:
         model.users -= 1
         if model.users == 0:
             model.idle.set()
@@ -410,7 +355,7 @@ class EdgeEngine:
         tally.latencies_ms.append(latency_s * 1000)
         self._tokens_generated += tokens
 
-    async def _load(self, artifact: Path) -> _Model:
+    async def _load(self, artifact: Path) -> LoadedModel:
         """Verify and load an artifact off the event loop, with threads of its own."""
         runtime = await asyncio.to_thread(EdgeRuntime.load, artifact, threads=self.config.threads)
         tokenizer = await asyncio.to_thread(Tokenizer.from_dir, artifact)
@@ -422,7 +367,7 @@ class EdgeEngine:
                 f"{runtime.bos_token_id}, eos {runtime.eos_token_ids}); re-export the artifact"
             )
         slots = self.config.max_concurrency
-        return _Model(
+        return LoadedModel(
             runtime,
             tokenizer,
             _engine_info(self.config, runtime.manifest, runtime.max_context),
@@ -431,13 +376,13 @@ class EdgeEngine:
         )
 
     @staticmethod
-    def _warm_up(model: _Model) -> None:
+    def _warm_up(model: LoadedModel) -> None:
         """Worker thread: one short greedy generation on a model that takes no traffic yet."""
         ids = model.tokenizer.encode(_WARMUP_PROMPT, add_bos=True)
         for _ in model.runtime.generate(ids, 2):
             pass
 
-    async def _retire(self, old: _Model) -> None:
+    async def _retire(self, old: LoadedModel) -> None:
         """Let the requests pinned to ``old`` finish (up to swap_drain_s), then release it."""
         try:
             await asyncio.wait_for(old.idle.wait(), self.config.swap_drain_s)
@@ -454,107 +399,22 @@ class EdgeEngine:
         log.info("edge engine %s: released %s", self.config.node_id, old.version)
 
     @staticmethod
-    def _end(sequences: set[_Sequence], err: TandemError) -> None:
+    def _end(sequences: set[EdgeSequence], err: TandemError) -> None:
         for seq in list(sequences):
             seq.cancelled.set()
             seq.events.put_nowait(err)
 
-    async def _encode(self, model: _Model, text: str) -> list[int]:
+    async def _encode(self, model: LoadedModel, text: str) -> list[int]:
         # genai's own tokenizer never adds BOS; the model was trained with it.
         if len(text) <= _INLINE_ENCODE_CHARS:
             return model.tokenizer.encode(text, add_bos=True)
         return await asyncio.to_thread(model.tokenizer.encode, text, True)
 
-    def _launch(self, seq: _Sequence, loop: asyncio.AbstractEventLoop) -> None:
+    def _launch(self, seq: EdgeSequence, loop: asyncio.AbstractEventLoop) -> None:
         """Start decoding ``seq`` off the event loop."""
         # A Generator per sequence, not og.Engine: via gRPC on 2 cores 4 streams got 4.1-4.8k
         # vs 1.8-4.3k tok/s at half the TTFT, and seeds work (static og.Engine has none).
         try:
-            seq.model.decode_pool.submit(self._decode, seq, loop)
+            seq.model.decode_pool.submit(decode_worker, seq, loop)
         except RuntimeError:  # its pool closed: stop() or a swap's drain timeout
             raise Unavailable(f"edge node {self.config.node_id} is shutting down; retry") from None
-
-    def _decode(self, seq: _Sequence, loop: asyncio.AbstractEventLoop) -> None:
-        """Worker thread: run one sequence, handing each token to the loop as it exists."""
-        put: Callable[[_Event], object] = lambda event: loop.call_soon_threadsafe(  # noqa: E731
-            seq.events.put_nowait, event
-        )
-        req, runtime = seq.request, seq.model.runtime
-        try:
-            if seq.cancelled.is_set():
-                return
-            count = 0
-            tokens = runtime.generate(
-                seq.prompt_ids,
-                req.max_tokens,
-                temperature=req.temperature,
-                top_k=req.top_k,
-                top_p=req.top_p,
-                seed=req.seed,
-            )
-            for token in tokens:
-                if seq.cancelled.is_set():
-                    return
-                count += 1
-                put((token, time.monotonic()))
-                if req.deadline is not None and time.monotonic() > req.deadline:
-                    return  # the stream's timer reports it; stop spending CPU now
-            # EdgeRuntime.generate stops before EOS, so fewer tokens than asked means EOS.
-            put(_End("length" if count >= req.max_tokens else "eos", time.monotonic()))
-        except Exception as e:
-            if loop.is_closed():
-                return  # the server is gone; nobody is listening
-            log.exception("edge decode failed for request %s", req.request_id)
-            put(e)
-
-    async def _chunks(
-        self, seq: _Sequence, arrival: float, admitted: float
-    ) -> AsyncIterator[Chunk]:
-        """Turn the worker's events into chunks: text via TextStream, stop sequences, timings."""
-        stream = TextStream(seq.model.tokenizer, seq.request.stop)
-        generated = 0
-        first_at: float | None = None
-        while True:
-            # Everything that arrived since the last chunk goes out as one (a slow reader gets
-            # fewer, larger chunks instead of a growing backlog).
-            events = [await seq.events.get()]
-            while not seq.events.empty():
-                events.append(seq.events.get_nowait())
-            texts: list[str] = []
-            ids: list[int] = []
-            finish: str | None = None
-            end_at = time.monotonic()
-            for event in events:
-                if isinstance(event, TandemError):
-                    raise event
-                if isinstance(event, BaseException):
-                    raise TandemError(f"the edge runtime failed: {event}") from event
-                if isinstance(event, _End):
-                    finish, end_at = event.reason, event.at
-                    break
-                token, end_at = event
-                generated += 1
-                first_at = first_at or end_at
-                ids.append(token)
-                texts.append(stream.push(token))
-                if stream.stopped:
-                    finish = "stop"
-                    break
-            if finish is None:
-                yield Chunk("".join(texts), tuple(ids))
-                continue
-            seq.cancelled.set()  # a stop sequence: the worker may be a token ahead
-            if finish != "stop":
-                texts.append(stream.finish())
-            yield Chunk(
-                "".join(texts),
-                tuple(ids),
-                finish,
-                Usage(prompt_tokens=len(seq.prompt_ids), completion_tokens=generated),
-                Timings(
-                    queue_ms=(admitted - arrival) * 1000,
-                    time_to_first_token_ms=((first_at or end_at) - arrival) * 1000,
-                    total_ms=(end_at - arrival) * 1000,
-                ),
-            )
-            return

@@ -111,6 +111,7 @@ def decode_worker(seq: EdgeSequence, loop: asyncio.AbstractEventLoop) -> None:
         log.exception("edge decode failed for request %s", req.request_id)
         put(e)
 
+
 async def chunk_stream(
     seq: EdgeSequence, arrival: float, admitted: float
 ) -> AsyncIterator[Chunk]:

@@ -55,3 +55,21 @@ class Unauthenticated(TandemError):
 
 class PermissionDenied(TandemError):
     status = "PERMISSION_DENIED"
+
+
+class NotFound(TandemError):
+    """The named thing (a model version, a node, a rollout) does not exist."""
+
+    status = "NOT_FOUND"
+
+
+class OutOfRange(TandemError):
+    """A position past the end, e.g. a download resumed beyond the file's size."""
+
+    status = "OUT_OF_RANGE"
+
+
+class DataLoss(TandemError):
+    """Stored data is missing or damaged (a blob deleted under a registered version)."""
+
+    status = "DATA_LOSS"

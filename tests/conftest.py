@@ -134,3 +134,18 @@ def micro_artifacts(
         }
         manifests = {key: f.result() for key, f in futures.items()}
     return MicroArtifacts(root, MICRO_BASE_VERSION, checkpoints, manifests)
+
+
+class Clock:
+    """Wall-clock stand-in the tests move by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()

@@ -15,7 +15,6 @@ import pytest
 
 from cloud.control.artifacts import ArtifactStore
 from cloud.control.datadir import KEY_NAME, ControlData
-from cloud.control.errors import DataLoss, NotFound, OutOfRange
 from cloud.control.publish import publish_model
 from cloud.control.signing import SignatureError, SigningKey, public_key_id, verify_manifest
 from model.manifest import (
@@ -24,7 +23,7 @@ from model.manifest import (
     build_manifest,
     write_manifest,
 )
-from tandem.errors import InvalidRequest, WrongState
+from tandem.errors import DataLoss, InvalidRequest, NotFound, OutOfRange, WrongState
 
 
 def make_artifact(root: Path, version: str, files: dict[str, bytes]) -> Manifest:

@@ -9,31 +9,19 @@ import hashlib
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from cloud.control.errors import NotFound
+if TYPE_CHECKING:
+    from conftest import Clock
+
 from cloud.control.records import ModelVersion, NodeLoad, NodeResources, VersionOutcome
 from cloud.control.schema import SCHEMA_VERSION
 from cloud.control.store import ControlStore
-from tandem.errors import InvalidRequest, Unauthenticated, WrongState
+from tandem.errors import InvalidRequest, NotFound, Unauthenticated, WrongState
 
 ADDRESS = "10.0.0.7:50061"
-
-
-class Clock:
-    """Wall-clock stand-in the tests move by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
 
 
 @pytest.fixture

@@ -13,9 +13,13 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
+
+if TYPE_CHECKING:
+    from conftest import Clock
 
 from cloud.control.config import ControlConfig
 from cloud.control.records import ModelVersion, NodeLoad, VersionOutcome
@@ -41,21 +45,6 @@ pytestmark = pytest.mark.timeout(60)
 CONFIG = RolloutConfig(window_s=300, min_requests=100, min_duration_s=60, load_timeout_s=120,
                        node_stale_s=15)
 NODES = ("edge-a", "edge-b", "edge-c", "edge-d", "edge-e")
-
-
-class Clock:
-    """Wall-clock stand-in the tests move by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
 
 
 @pytest.fixture

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 from typing import BinaryIO
 
-from cloud.control.errors import DataLoss, NotFound, OutOfRange
 from cloud.control.validate import check_version_name
 from model.manifest import (
     ArtifactIntegrityError,
@@ -32,7 +31,7 @@ from model.manifest import (
     sha256_file,
 )
 from tandem.durable import fsync_dir
-from tandem.errors import InvalidRequest
+from tandem.errors import DataLoss, InvalidRequest, NotFound, OutOfRange
 
 log = logging.getLogger(__name__)
 

@@ -14,11 +14,10 @@ import logging
 from pathlib import Path
 
 from cloud.control.datadir import ControlData
-from cloud.control.errors import NotFound
 from cloud.control.records import ModelVersion
 from cloud.control.validate import check_version_name
 from model.manifest import read_manifest, verify_artifact
-from tandem.errors import WrongState
+from tandem.errors import NotFound, WrongState
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,9 @@ import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 
 from cloud.control.database import Database
-from cloud.control.errors import NotFound
 from cloud.control.records import FINAL_STATES, ModelVersion, Rollout
 from cloud.control.validate import check_version_name
-from tandem.errors import InvalidRequest, WrongState
+from tandem.errors import InvalidRequest, NotFound, WrongState
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cloud.control.credentials import digest, same_digest
-from cloud.control.errors import NotFound
-from tandem.errors import Unauthenticated
+from tandem.errors import NotFound, Unauthenticated
 
 log = logging.getLogger(__name__)
 

@@ -21,12 +21,11 @@ from google.protobuf.message import DecodeError
 
 from cloud.control.config import ControlConfig
 from cloud.control.datadir import ControlData
-from cloud.control.errors import DataLoss
 from cloud.control.metrics import ControlMetrics
 from cloud.control.records import NodeLoad, NodeRecord, NodeResources, VersionOutcome
 from model.manifest import ArtifactIntegrityError
 from protos.tandem.v1 import control_pb2 as pb
-from tandem.errors import InvalidRequest, PermissionDenied, TandemError, Unavailable
+from tandem.errors import DataLoss, InvalidRequest, PermissionDenied, TandemError, Unavailable
 from tandem.serving.grpc_server import Undecodable, abort
 
 log = logging.getLogger(__name__)

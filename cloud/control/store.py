@@ -3,7 +3,7 @@
 
 Every mutation is one transaction (``Database.transaction``), so e.g. a join token is spent if
 and only if its node was written. The methods block on disk: the servicer calls them through
-``asyncio.to_thread``. They raise ``tandem.errors`` types (and ``cloud.control.errors``), never
+``asyncio.to_thread``. They raise ``tandem.errors`` types, never
 grpc statuses.
 """
 
@@ -20,7 +20,6 @@ from typing import Any
 
 from cloud.control import credentials
 from cloud.control.database import Database
-from cloud.control.errors import NotFound
 from cloud.control.records import (
     Enrollment,
     JoinToken,
@@ -32,7 +31,7 @@ from cloud.control.records import (
 )
 from cloud.control.registry import ModelRegistry
 from cloud.control.validate import check_enrollment, check_heartbeat, check_outcomes
-from tandem.errors import Unauthenticated
+from tandem.errors import NotFound, Unauthenticated
 
 log = logging.getLogger(__name__)
 

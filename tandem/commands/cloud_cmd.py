@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tandem.commands import control_cmd
+from tandem.commands.flags import add_metrics_flags
 
 # Off the ports node_exporter (9100) and friends hold on the same hosts.
 METRICS_PORT = 9191
@@ -27,10 +28,7 @@ def register(groups: Any) -> None:
     serve.add_argument("--slots", type=int, default=8, help="sequences decoded together")
     serve.add_argument("--max-queue", type=int, default=64)
     serve.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    serve.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
-                       help=f"Prometheus /metrics port on --host (default {METRICS_PORT}, or "
-                            "any free port if it is taken; 0: any free port)")
-    serve.add_argument("--no-metrics", action="store_true", help="export no metrics")
+    add_metrics_flags(serve, METRICS_PORT)
     serve.set_defaults(func=cmd_serve)
     control_cmd.register_cloud(sub)
 

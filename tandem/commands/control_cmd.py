@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tandem.commands.flags import add_metrics_flags
+
 # Beside the cloud tier's 50051; edge nodes and their installers dial it.
 DEFAULT_PORT = 50052
 # Off the ports the cloud tier (9191) and edge nodes (9192) export metrics on.
@@ -62,10 +64,7 @@ def register_cloud(sub: Any) -> None:
                        metavar="DURATION", help="how often nodes report (default 5s)")
     serve.add_argument("--grace", type=float, default=10.0,
                        help="seconds in-flight downloads get to finish on shutdown")
-    serve.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
-                       help=f"Prometheus /metrics port on --host (default {METRICS_PORT}, or "
-                            "any free port if it is taken; 0: any free port)")
-    serve.add_argument("--no-metrics", action="store_true", help="export no metrics")
+    add_metrics_flags(serve, METRICS_PORT)
     canary = serve.add_argument_group("canary rollouts (see `tandem rollout`)")
     canary.add_argument("--rollout-window", type=parse_duration, default=600.0,
                         metavar="DURATION", help="outcomes compared over the last (default 10m)")

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tandem.commands.flags import add_metrics_flags
+
 # Off the ports node_exporter (9100) and friends hold on the same hosts.
 METRICS_PORT = 9192
 
@@ -39,10 +41,7 @@ def register(groups: Any) -> None:
                        help="ONNX Runtime intra-op threads (default: one per core)")
     serve.add_argument("--grace", type=float, default=10.0,
                        help="seconds in-flight requests get to finish on shutdown")
-    serve.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
-                       help=f"Prometheus /metrics port on --host (default {METRICS_PORT}, or "
-                            "any free port if it is taken; 0: any free port)")
-    serve.add_argument("--no-metrics", action="store_true", help="export no metrics")
+    add_metrics_flags(serve, METRICS_PORT)
     serve.set_defaults(func=cmd_serve)
 
     install = sub.add_parser("install", help="enroll this machine as an edge node of a cloud")
@@ -75,10 +74,7 @@ def register(groups: Any) -> None:
                      help="ONNX Runtime intra-op threads (default: one per core)")
     run.add_argument("--grace", type=float, default=10.0,
                      help="seconds in-flight requests get to finish on shutdown")
-    run.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
-                     help=f"Prometheus /metrics port (default {METRICS_PORT}, or any free port "
-                          "if it is taken; 0: any free port)")
-    run.add_argument("--no-metrics", action="store_true", help="export no metrics")
+    add_metrics_flags(run, METRICS_PORT)
     run.add_argument("--heartbeat", type=float, default=5.0, metavar="SECONDS",
                      help="heartbeat period until the cloud sets one")
     run.add_argument("--report-every", type=float, default=15.0, metavar="SECONDS",

@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tandem.commands.flags import add_metrics_flags
+
 # Off the ports node_exporter (9100) and friends hold on the same hosts.
 METRICS_PORT = 9190
 
@@ -41,10 +43,7 @@ def register(groups: Any) -> None:
                        help="edge loss on its own answer above which it escalates (default 1.5)")
     serve.add_argument("--ready-timeout", type=float, default=60.0,
                        help="seconds to wait for a first healthy backend")
-    serve.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
-                       help=f"Prometheus /metrics port on --host (default {METRICS_PORT}, or "
-                            "any free port if it is taken; 0: any free port)")
-    serve.add_argument("--no-metrics", action="store_true", help="export no metrics")
+    add_metrics_flags(serve, METRICS_PORT)
     door = serve.add_argument_group("front door (API keys, rate limits, response cache)")
     door.add_argument("--redis-url", default=os.environ.get("TANDEM_REDIS_URL"),
                       help="shared Redis for keys, token buckets and the cache (env "

@@ -43,6 +43,9 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_permit_without_calls", 1),
     # Same ceiling as our servers accept.
     ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+    # A backend may be many pods: a dns:/// target on a headless Service resolves to each,
+    # and calls spread over them (one address: the same as the default pick-first).
+    ("grpc.lb_policy_name", "round_robin"),
 ]
 
 

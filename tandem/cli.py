@@ -9,8 +9,10 @@ from collections.abc import Sequence
 
 from tandem import __version__
 from tandem.commands import (
+    autoscale_cmd,
     cloud_cmd,
     edge_cmd,
+    fed_cmd,
     generate_cmd,
     keys_cmd,
     model_cmd,
@@ -33,8 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     router_cmd.register(groups)
     keys_cmd.register(groups)
     rollout_cmd.register(groups)
+    fed_cmd.register(groups)
     up_cmd.register(groups)
     generate_cmd.register(groups)
+    autoscale_cmd.register(groups)
     return parser
 
 

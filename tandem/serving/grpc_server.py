@@ -36,6 +36,10 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
     # Let idle client connections (routers) keep-alive ping every 10 s without being refused.
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    # Connections end after 5 minutes (streams under way get 10 more), so clients resolve
+    # DNS again: routers find the cloud replicas an autoscaler added behind a headless Service.
+    ("grpc.max_connection_age_ms", 300_000),
+    ("grpc.max_connection_age_grace_ms", 600_000),
 ]
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +30,7 @@ from edge.admission import Admission
 from edge.outcomes import Tally, VersionOutcome
 from edge.runtime import EdgeRuntime
 from edge.sequence import EdgeSequence, LoadedModel, chunk_stream, decode_worker
-from model.manifest import Manifest, read_manifest
+from model.manifest import CALIBRATION_FILE, Manifest, read_manifest
 from model.tokenizer import Tokenizer
 from tandem.errors import (
     DeadlineExceeded,
@@ -315,7 +316,8 @@ class EdgeEngine:
             loss = await asyncio.get_running_loop().run_in_executor(
                 model.score_pool, model.runtime.score, ids
             )
-            return ScoreResult(mean_loss=loss, prompt_tokens=len(ids))
+            return ScoreResult(mean_loss=loss, prompt_tokens=len(ids),
+                               difficulty_threshold=model.difficulty_threshold)
         except RuntimeError as e:
             if "shutdown" not in str(e):  # a pool closed by stop() or a swap's drain timeout
                 raise
@@ -373,6 +375,7 @@ class EdgeEngine:
             _engine_info(self.config, runtime.manifest, runtime.max_context),
             ThreadPoolExecutor(2 * slots, thread_name_prefix="edge-decode"),
             ThreadPoolExecutor(2, thread_name_prefix="edge-score"),
+            read_difficulty_threshold(artifact),
         )
 
     @staticmethod
@@ -418,3 +421,17 @@ class EdgeEngine:
             seq.model.decode_pool.submit(decode_worker, seq, loop)
         except RuntimeError:  # its pool closed: stop() or a swap's drain timeout
             raise Unavailable(f"edge node {self.config.node_id} is shutting down; retry") from None
+
+
+def read_difficulty_threshold(artifact: Path) -> float | None:
+    """The calibrated threshold an artifact carries (``calibration.json``), or None."""
+    try:
+        raw = json.loads((artifact / CALIBRATION_FILE).read_text())
+        value = float(raw["difficulty_threshold"])
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError) as e:
+        log.warning("%s: unreadable %s (%s); the router's threshold applies", artifact,
+                    CALIBRATION_FILE, e)
+        return None
+    return value if math.isfinite(value) else None

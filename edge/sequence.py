@@ -50,6 +50,8 @@ class LoadedModel:
     decode_pool: ThreadPoolExecutor
     # Scores are one prefill each: their own threads, so they never wait behind decoding.
     score_pool: ThreadPoolExecutor
+    # The router's difficulty threshold measured for this version (calibration.json), if any.
+    difficulty_threshold: float | None = None
     users: int = 0  # generations and scores running on this model
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 

@@ -19,7 +19,13 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from model.manifest import QUANTIZATIONS, Manifest, build_manifest, write_manifest
+from model.manifest import (
+    CALIBRATION_FILE,
+    QUANTIZATIONS,
+    Manifest,
+    build_manifest,
+    write_manifest,
+)
 from tandem.durable import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -29,6 +35,8 @@ BUILDER_MODULE = "onnxruntime_genai.models.builder"
 SUPPORTED_ARCHITECTURES = frozenset({"LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"})
 # The checkpoint's tokenizer files, copied into the artifact verbatim.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
 # Files the edge runtime cannot work without.
 REQUIRED_FILES = ("genai_config.json", "model.onnx", "model.onnx.data", "tokenizer.json")
 # Pinned rather than left to the builder's defaults, so a newer builder cannot silently change
@@ -178,7 +186,7 @@ def _finish_artifact(checkpoint_dir: Path, artifact: Path) -> None:
     # The builder re-saves the tokenizer through transformers, which rewrites
     # tokenizer_config.json (drops add_bos_token, renames the class). Ship the checkpoint's own
     # files byte for byte, so an edge node tokenizes exactly as the cloud does.
-    for name in TOKENIZER_FILES:
+    for name in (*TOKENIZER_FILES, CALIBRATION_FILE):
         if (checkpoint_dir / name).is_file():
             shutil.copyfile(checkpoint_dir / name, artifact / name)
     missing = [name for name in REQUIRED_FILES if not (artifact / name).is_file()]

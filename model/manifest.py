@@ -25,6 +25,10 @@ QUANTIZATIONS = ("fp32", "int8", "int4")
 UNLISTED_FILES = frozenset({MANIFEST_NAME})
 _CHUNK = 1 << 20
 
+# Beside the model files when the version was calibrated: the router's difficulty threshold
+# for it (written by federation, copied by export, read by the edge engine).
+CALIBRATION_FILE = "calibration.json"
+
 
 class ArtifactIntegrityError(Exception):
     """An artifact does not match its manifest, or the manifest itself is unreadable."""

@@ -13,9 +13,10 @@ from router.policy import PolicyConfig
 from tandem.request import Limits
 from tandem.serving.grpc_server import ServerConfig
 
-# on_escalation(prompt, edge_answer, cloud_answer): a cascade escalated (a training example for
-# the site's next federated round). May return an awaitable; errors are logged, never raised.
-EscalationHook = Callable[[str, str, str], Any]
+# on_escalation(prompt, edge_answer, cloud_answer, edge_node_id): a cascade escalated (a
+# training example for that site's next federated round). May return an awaitable; errors are
+# logged, never raised.
+EscalationHook = Callable[[str, str, str, str], Any]
 
 
 @dataclass(frozen=True)

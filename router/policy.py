@@ -38,6 +38,9 @@ class PolicyConfig:
     # above the held-out mean, sends ~70% of unseen and ~95% of seen docstring prompts to the
     # edge, and out-of-domain text to the cloud.
     difficulty_threshold: float = 4.0
+    # A version calibrated when it was made (federated runs measure the threshold on the
+    # sites' own data) brings its own threshold in the Score reply; False ignores it.
+    use_calibrated_threshold: bool = True
     # Cascade: the edge answers first; escalate when its mean loss on its own answer is above
     # cascade_threshold (greedy demo-edge answers measure 0.8-1.6; 1.5 escalates the least
     # confident ~10-15%).
@@ -222,9 +225,11 @@ class RoutingPolicy:
 
     def decide(
         self, view: RequestView, backends: list[BackendSnapshot], difficulty: float | None = None,
-        signals: dict[str, Any] | None = None,
+        signals: dict[str, Any] | None = None, threshold: float | None = None,
     ) -> Decision:
         """Pick the tier and ordered candidates; raise Unavailable or Overloaded if none.
+
+        ``threshold`` is the scoring edge version's calibrated difficulty threshold, if any.
 
         The signals are recorded into ``signals`` when given (so a refusal can be logged with
         them too), and returned as ``Decision.signals``.
@@ -238,7 +243,7 @@ class RoutingPolicy:
             "prompt_tokens": view.prompt_tokens, "max_tokens": view.max_tokens,
             "time_left_s": None if view.time_left_s is None else round(view.time_left_s, 3),
             "fits_edge": _any_fit(fit.values()), "difficulty": difficulty,
-            "threshold": self.config.difficulty_threshold,
+            "threshold": self._threshold(threshold),
             "down": {b.label: b.down_reason for b in backends if not b.available},
             "saturated": {b.label: why for b in usable if (why := busy[b.name])},
             "expected_wait_ms": {b.label: round(self.expected_wait_ms(b)) for b in usable},
@@ -253,7 +258,8 @@ class RoutingPolicy:
             EDGE: [b for b in usable if b.tier == EDGE and fit[b.name] and not busy[b.name]],
             CLOUD: [b for b in usable if b.tier == CLOUD and not busy[b.name]],
         }
-        tier, why, cascade = self._preferred(view, usable, fit, difficulty)
+        tier, why, cascade = self._preferred(view, usable, fit, difficulty,
+                                             self._threshold(threshold))
         signals["preferred"] = tier
         spilled = False
         if not free[tier]:
@@ -278,12 +284,18 @@ class RoutingPolicy:
             reason=f"{prefix}: {why} -> {tier} {ranked[0].label}",
         )
 
+    def _threshold(self, calibrated: float | None) -> float:
+        """The difficulty threshold that applies: the version's own, else the configured one."""
+        if calibrated is not None and self.config.use_calibrated_threshold \
+                and math.isfinite(calibrated):
+            return calibrated
+        return self.config.difficulty_threshold
+
     def _preferred(
         self, view: RequestView, usable: list[BackendSnapshot], fit: dict[str, bool | None],
-        difficulty: float | None,
+        difficulty: float | None, thr: float,
     ) -> tuple[str, str, bool]:
         """The tier the signals ask for, the reason, and whether the cascade applies."""
-        thr = self.config.difficulty_threshold
         if view.quality == "best":
             return CLOUD, "quality=best", False
         if not any(b.tier == EDGE for b in usable):

@@ -248,8 +248,10 @@ class RouterServicer:
                                time_left_s=deadline - time.monotonic())
             snaps = self.pool.snapshots()  # a failed score may have opened a circuit
         record["score"] = note
+        calibrated = score.difficulty_threshold if score is not None and \
+            score.HasField("difficulty_threshold") else None
         decision = self.policy.decide(view, snaps, None if score is None else score.mean_loss,
-                                      signals=record)
+                                      signals=record, threshold=calibrated)
         return decision, score
 
     async def _score_prompt(
@@ -307,7 +309,9 @@ class RouterServicer:
                 else:
                     record["served_by"] = up.backend.label if up.backend else None
                     self.metrics.escalation()
-                    await self._escalated(req, answer, "".join(texts))
+                    node = next((c.served_by.node_id for c in held
+                                 if c.HasField("served_by")), "")
+                    await self._escalated(req, answer, "".join(texts), node or edge.label)
                     return
         reason = first.reason(f"cascade: {words} -> {edge.tier} {edge.label}" if words
                               else decision.reason)
@@ -337,15 +341,15 @@ class RouterServicer:
                                        full.prompt_tokens)
         return loss, "answer loss " + ("unknown" if loss is None else f"{loss:.3f}")
 
-    async def _escalated(self, req: GenerationRequest, edge_answer: str, cloud_answer: str
-                         ) -> None:
+    async def _escalated(self, req: GenerationRequest, edge_answer: str, cloud_answer: str,
+                         edge_node: str) -> None:
         log.info("cascade escalated %s (%d prompt bytes) to the cloud", req.request_id,
                  len(req.prompt.encode("utf-8", errors="surrogatepass")))
         hook = self.config.on_escalation
         if hook is None:
             return
         try:
-            result = hook(req.prompt, edge_answer, cloud_answer)
+            result = hook(req.prompt, edge_answer, cloud_answer, edge_node)
             if inspect.isawaitable(result):
                 await result
         except Exception:  # the client's answer must not depend on the hook

@@ -24,7 +24,6 @@ import asyncio
 import json
 import re
 import shutil
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from fleet_cli import run_cli, token_from
 
 from edge.agent.config import read_node_config
 from model.checkpoint import checkpoint_version
@@ -223,20 +223,6 @@ class Fleet:
             assert time.monotonic() < end, (
                 f"timed out after {timeout_s:.0f} s waiting for {what}: {detail()}\n{self.logs()}")
             time.sleep(every_s)
-
-
-def run_cli(*args: str, timeout_s: float = 120.0) -> str:
-    done = subprocess.run(tandem_argv(*args), capture_output=True, text=True,
-                          timeout=timeout_s, check=False)
-    assert done.returncode == 0, (
-        f"tandem {' '.join(args)} exited {done.returncode}\n{done.stdout}\n{done.stderr}")
-    return done.stdout
-
-
-def token_from(output: str, kind: str) -> str:
-    match = re.search(rf"^{kind} token: (\S+)$", output, re.MULTILINE)
-    assert match, output
-    return match.group(1)
 
 
 def build_artifacts(root: Path) -> dict[str, Path]:

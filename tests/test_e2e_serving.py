@@ -139,7 +139,8 @@ def test_tandem_up_and_generate(tmp_path: Path) -> None:
         # Every server's metrics endpoint answers (what `curl` on each port shows).
         urls = [line.split("metrics ", 1)[1].split()[0] for line in text.splitlines()
                 if " metrics http" in line]
-        assert len(urls) == 4
+        assert len(urls) == 5  # control plane, cloud, two edge nodes, router
+        assert "tandem fed run" in text and "export TANDEM_CONTROL_DIR=" in text
         for url in urls:
             with urllib.request.urlopen(url, timeout=10) as resp:
                 assert b"tandem_" in resp.read()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import shutil
 import subprocess
 import sys
 import threading
@@ -28,6 +29,7 @@ from edge.runtime import EdgeRuntime
 from edge.server import EdgeServer, EdgeServerConfig, start_edge_server
 from model.checkpoint import checkpoint_version
 from model.export import export_edge_artifact
+from model.manifest import CALIBRATION_FILE, build_manifest, read_manifest, write_manifest
 from model.tokenizer import Tokenizer
 from protos.tandem.v1 import inference_pb2 as pb
 from protos.tandem.v1.inference_pb2_grpc import InferenceStub
@@ -266,6 +268,7 @@ async def test_score_is_the_runtime_loss_and_easy_beats_gibberish(
     assert easy.mean_loss == pytest.approx(runtime.score(tokenizer.encode(EASY)), rel=1e-5)
     assert easy.mean_loss < hard.mean_loss
     assert easy.served_by.tier == pb.TIER_EDGE
+    assert not easy.HasField("difficulty_threshold")  # uncalibrated: the router's applies
 
     for prompt, message in (("", "non-empty"), ("word " * 600, "shorten the prompt")):
         with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -417,3 +420,19 @@ def test_cli_serve_parses_and_refuses_a_missing_artifact(tmp_path: Path) -> None
     assert (args.max_concurrency, args.max_queue, args.threads, args.node_id) == (2, 3, 1, "e-9")
     with pytest.raises(FileNotFoundError, match="--export-from"):
         args.func(args)
+
+
+async def test_a_calibrated_artifact_reports_its_difficulty_threshold(
+    artifact: Path, tmp_path: Path
+) -> None:
+    calibrated = tmp_path / "calibrated"
+    shutil.copytree(artifact, calibrated)
+    (calibrated / CALIBRATION_FILE).write_text('{"difficulty_threshold": 4.37}')
+    m = read_manifest(artifact)
+    write_manifest(calibrated, build_manifest(
+        calibrated, model_version=m.model_version + "-cal", base_version=m.base_version,
+        quantization=m.quantization, created_by="tests"))
+    async with serving(calibrated) as (_, stub, _):
+        score = await stub.Score(pb.ScoreRequest(prompt=EASY), timeout=TIMEOUT)
+    assert score.HasField("difficulty_threshold")
+    assert score.difficulty_threshold == pytest.approx(4.37)

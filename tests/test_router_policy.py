@@ -81,6 +81,19 @@ def test_threshold_is_inclusive_and_configurable() -> None:
     assert strict.decide(view(), [edge(), cloud()], difficulty=2.91).tier == "cloud"
 
 
+def test_a_calibrated_version_brings_its_own_threshold() -> None:
+    # A federated version measured 4.6 on its sites' prompts: 4.3 is easy for it.
+    d = POLICY.decide(view(), [edge(), cloud()], difficulty=4.3, threshold=4.6)
+    assert d.tier == "edge" and d.signals["threshold"] == 4.6, d.reason
+    assert POLICY.decide(view(), [edge(), cloud()], difficulty=4.3, threshold=3.9).tier == \
+        "cloud"
+    assert POLICY.decide(view(), [edge(), cloud()], difficulty=4.3,
+                         threshold=float("nan")).tier == "cloud"  # unusable: configured 4.0
+    fixed = RoutingPolicy(PolicyConfig(use_calibrated_threshold=False))
+    assert fixed.decide(view(), [edge(), cloud()], difficulty=4.3, threshold=4.6).tier == \
+        "cloud"
+
+
 def test_unknown_difficulty_goes_to_the_cloud() -> None:
     d = POLICY.decide(view(), [edge(), cloud()], difficulty=None)
     assert d.tier == "cloud" and "difficulty unknown" in d.reason

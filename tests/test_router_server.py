@@ -480,8 +480,10 @@ def test_cascade_escalates_only_low_confidence_answers(answer_loss: float, tier:
             else:
                 assert r.route_reason == (
                     "cascade: escalated (edge answer loss 2.50 > 1.50) -> cloud cloud-1")
-                assert c.escalations == [(HARD, expected_text("edge", HARD),
-                                          expected_text("cloud", HARD))] * 2
+                assert [e[:3] for e in c.escalations] == [
+                    (HARD, expected_text("edge", HARD), expected_text("cloud", HARD))] * 2
+                # The site that escalated is named, so its log feeds its next training round.
+                assert {e[3] for e in c.escalations} == {"edge-1"}
     run(scenario)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from federation.processes import SuperLinkConfig
 from tandem.serving.grpc_server import ServerConfig
 from tandem.serving.metrics import MetricsConfig
 
@@ -24,6 +25,9 @@ class ControlConfig:
     chunk_bytes: int = 1 << 20
     # Off unless asked: programmatic servers (tests) share one process and one host.
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    # The federation's SuperLink, started and supervised beside the control plane (None: no
+    # federated learning from this host).
+    superlink: SuperLinkConfig | None = None
 
     def __post_init__(self) -> None:
         if not 0.1 <= self.heartbeat_interval_s <= 3600:

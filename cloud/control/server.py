@@ -277,9 +277,26 @@ async def start_control_server(config: ControlConfig,
 async def run_control_server(config: ControlConfig,
                              rollout: RolloutConfig | None = None) -> None:
     """Serve until SIGINT/SIGTERM, then drain (the CLI's entry point)."""
-    running = await start_control_server(config, rollout=rollout)
+    superlink = None
+    if config.superlink is not None:
+        from federation.processes import superlink_process
+        from federation.runner import LinkInfo
+
+        # Flower's SuperLink beside the control plane: the cloud end of federated runs.
+        process = superlink_process(config.superlink).start()
+        await asyncio.to_thread(process.wait_healthy, 60.0)
+        LinkInfo.of(config.superlink.address, config.superlink.tls).save(config.data_dir)
+        superlink = asyncio.create_task(process.supervise(), name="superlink")
+        log.info("Flower SuperLink on %s (log %s)", config.superlink.address, process.log_path)
     try:
-        await wait_for_signal()
+        running = await start_control_server(config, rollout=rollout)
+        try:
+            await wait_for_signal()
+        finally:
+            log.info("draining (grace %.1f s)", running.config.server.grace_s)
+            await running.stop()
     finally:
-        log.info("draining (grace %.1f s)", running.config.server.grace_s)
-        await running.stop()
+        if superlink is not None:
+            superlink.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await superlink

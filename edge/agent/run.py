@@ -21,6 +21,7 @@ from edge.agent.download import ArtifactRejected, download_version
 from edge.agent.loop import Backoff, EdgeAgent
 from edge.engine import EdgeEngine, EdgeEngineConfig
 from edge.server import EdgeServerConfig, start_edge_server
+from federation.processes import SuperNodeConfig, supernode_process
 from model.manifest import ArtifactIntegrityError
 from tandem.serving.engine_server import EngineServer
 from tandem.serving.grpc_server import ServerConfig, wait_for_signal
@@ -39,6 +40,8 @@ class NodeRunConfig:
     threads: int | None = None
     grace_s: float = 10.0
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    # The node's Flower SuperNode, supervised beside serving (None: no federated learning).
+    supernode: SuperNodeConfig | None = None
 
     def server_config(self, node: NodeConfig) -> EdgeServerConfig:
         return EdgeServerConfig(
@@ -106,6 +109,14 @@ async def serve_node(config: NodeRunConfig, stop: asyncio.Future[None] | None = 
         agent = EdgeAgent(config.agent, node, server.engine, client)
         agent_task = asyncio.create_task(agent.run(), name="edge-agent")
         agent_task.add_done_callback(_agent_ended)
+        supernode = None
+        if config.supernode is not None:
+            # Training happens in the SuperNode's ClientApp processes, beside serving: the
+            # site's data stays in its data path; a crash there never stops serving.
+            supernode = asyncio.create_task(
+                supernode_process(config.supernode).supervise(), name="supernode")
+            log.info("Flower SuperNode for %s joining %s (site data %s)", node.node_id,
+                     config.supernode.superlink, config.supernode.data_path)
         log.info("edge node %s serving %s on %s; cloud %s", node.node_id, node.current_version,
                  node.inference_address, node.cloud)
         try:
@@ -114,9 +125,11 @@ async def serve_node(config: NodeRunConfig, stop: asyncio.Future[None] | None = 
             log.info("draining (grace %.1f s)", config.grace_s)
             # The agent heartbeats through the drain (healthy=False), then sends its last report.
             await server.stop()
-            agent_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await agent_task
+            for task in (agent_task, supernode):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
 
 
 async def _start_server(config: NodeRunConfig, node: NodeConfig) -> tuple[EngineServer, NodeConfig]:

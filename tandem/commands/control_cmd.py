@@ -65,6 +65,21 @@ def register_cloud(sub: Any) -> None:
     serve.add_argument("--grace", type=float, default=10.0,
                        help="seconds in-flight downloads get to finish on shutdown")
     add_metrics_flags(serve, METRICS_PORT)
+    fed = serve.add_argument_group("federated learning (see `tandem fed`)")
+    fed.add_argument("--superlink-port", type=int, default=None, metavar="PORT",
+                     help="start Flower's SuperLink on PORT (8000 by convention) beside the "
+                          "control plane; SuperNodes and `tandem fed run` dial it")
+    fed.add_argument("--superlink-host", default=None, metavar="HOST",
+                     help="address the SuperLink listens on (default: --host)")
+    fed.add_argument("--fed-ca-cert", type=Path, default=None, metavar="PEM",
+                     help="serve the SuperLink with TLS: the CA certificate nodes trust...")
+    fed.add_argument("--fed-cert", type=Path, default=None, metavar="PEM",
+                     help="...the SuperLink's certificate (SAN: the address nodes dial)...")
+    fed.add_argument("--fed-key", type=Path, default=None, metavar="PEM",
+                     help="...and its private key")
+    fed.add_argument("--fed-node-auth", action="store_true",
+                     help="accept only SuperNodes registered with `flwr supernode register` "
+                          "(needs TLS)")
     canary = serve.add_argument_group("canary rollouts (see `tandem rollout`)")
     canary.add_argument("--rollout-window", type=parse_duration, default=600.0,
                         metavar="DURATION", help="outcomes compared over the last (default 10m)")
@@ -169,6 +184,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server=ServerConfig(host=args.host, port=args.port, grace_s=args.grace),
         heartbeat_interval_s=args.heartbeat_interval,
         metrics=MetricsConfig.from_flags(args.metrics_port, METRICS_PORT, args.no_metrics),
+        superlink=_superlink_config(args),
     )
     rollout = RolloutConfig(
         window_s=args.rollout_window, min_requests=args.rollout_min_requests,
@@ -179,6 +195,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     asyncio.run(run_control_server(config, rollout))
     return 0
+
+
+def _superlink_config(args: argparse.Namespace) -> Any:
+    from federation.processes import FlowerTls, SuperLinkConfig
+
+    if args.superlink_port is None:
+        return None
+    tls = FlowerTls(ca_cert=args.fed_ca_cert, server_cert=args.fed_cert,
+                    server_key=args.fed_key, supernode_auth=args.fed_node_auth)
+    return SuperLinkConfig(state_dir=_data_dir(args).resolve() / "flower" / "superlink",
+                           host=args.superlink_host or args.host, port=args.superlink_port,
+                           tls=tls)
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:

@@ -79,6 +79,20 @@ def register(groups: Any) -> None:
                      help="heartbeat period until the cloud sets one")
     run.add_argument("--report-every", type=float, default=15.0, metavar="SECONDS",
                      help="how often serving outcomes per version go to the cloud")
+    fed = run.add_argument_group("federated learning (see `tandem fed`)")
+    fed.add_argument("--superlink", default=None, metavar="HOST:PORT",
+                     help="run a Flower SuperNode joining this SuperLink (the cloud's, "
+                          "port 8000 by convention)")
+    fed.add_argument("--fed-data", type=Path, default=None, metavar="DIR",
+                     help="the site's training data (default DATA_DIR/federation; fill it "
+                          "with `tandem fed site`)")
+    fed.add_argument("--fed-port", type=int, default=9094, metavar="PORT",
+                     help="the SuperNode's local runtime API port (0: any free port)")
+    fed.add_argument("--fed-root-cert", type=Path, default=None, metavar="PEM",
+                     help="CA certificate of a TLS SuperLink")
+    fed.add_argument("--fed-auth-key", type=Path, default=None, metavar="PEM",
+                     help="the SuperNode's private key, for a SuperLink that authenticates "
+                          "nodes")
     run.set_defaults(func=cmd_run)
 
 
@@ -149,17 +163,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     from edge.agent.run import NodeRunConfig, serve_node
     from tandem.serving.metrics import MetricsConfig
 
+    data_dir = _data_dir(args.data_dir)
     config = NodeRunConfig(
-        agent=AgentConfig(data_dir=_data_dir(args.data_dir), heartbeat_s=args.heartbeat,
+        agent=AgentConfig(data_dir=data_dir, heartbeat_s=args.heartbeat,
                           report_s=args.report_every),
         max_concurrency=args.max_concurrency,
         max_queue=args.max_queue,
         threads=args.threads,
         grace_s=args.grace,
         metrics=MetricsConfig.from_flags(args.metrics_port, METRICS_PORT, args.no_metrics),
+        supernode=_supernode_config(args, data_dir),
     )
     asyncio.run(serve_node(config))
     return 0
+
+
+def _supernode_config(args: argparse.Namespace, data_dir: Path) -> Any:
+    from federation.processes import FlowerTls, SuperNodeConfig
+    from tandem.launcher import free_port
+
+    if args.superlink is None:
+        return None
+    return SuperNodeConfig(
+        superlink=args.superlink,
+        data_path=(args.fed_data or data_dir / "federation").expanduser().resolve(),
+        state_dir=data_dir.resolve() / "flower",
+        port=args.fed_port or free_port(),
+        tls=FlowerTls(ca_cert=args.fed_root_cert, supernode_key=args.fed_auth_key))
 
 
 def _export(checkpoint: Path, out: Path, quantization: str) -> None:

@@ -62,12 +62,17 @@ def register(groups: Any) -> None:
     door.add_argument("--tokenizer", type=Path, default=None,
                       help="tokenizer directory to count prompt tokens for the rate-limit cost "
                            "(default: the demo model's)")
+    serve.add_argument("--escalation-log", type=Path, default=None, metavar="DIR",
+                       help="cascade mode: append each escalated prompt with the cloud's "
+                            "answer to DIR/<edge node id>/escalations.jsonl, the site data "
+                            "the node's SuperNode trains on next round")
     serve.set_defaults(func=cmd_serve)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from federation.sitedata import EscalationLog
     from model.demo import DEMO_DIR
     from router.cache import CacheConfig
     from router.discovery import DiscoveryConfig
@@ -98,6 +103,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         policy=dataclasses.replace(PolicyConfig(), **overrides),
         node_id=args.node_id,
         ready_timeout_s=args.ready_timeout,
+        on_escalation=None if args.escalation_log is None else EscalationLog(args.escalation_log),
         front_door=FrontDoorConfig(
             redis_url=args.redis_url,
             auth=AuthConfig(enabled=bool(args.redis_url) and not args.no_auth,

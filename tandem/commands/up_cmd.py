@@ -1,8 +1,12 @@
-"""``tandem up``: a whole Tandem on one machine — cloud tier, two edge nodes, a router, Redis.
+"""``tandem up``: a whole Tandem on one machine — cloud tier, control plane with Flower's
+SuperLink, edge nodes with their agents and SuperNodes, a router, Redis.
 
-Each server runs as its own process (as in a deployment), started with the demo model pair;
-the edge artifact is built once from the shipped edge checkpoint when it is missing. Ctrl-C
-drains and stops everything, the router first.
+Each server runs as its own process (as in a deployment). The shipped demo edge model is
+published to the control plane as the fleet's first version (its artifact built once); each
+edge node is installed with a join token, serves what the control plane says and holds one
+family of the demo corpus as its site data, so `tandem fed run` works at once. The router
+learns the nodes from the control plane and logs cascade escalations into the nodes' site
+data. Ctrl-C drains and stops everything, the router first.
 """
 
 from __future__ import annotations
@@ -75,50 +79,104 @@ def create_demo_key(redis_url: str) -> str:
     return asyncio.run(create())
 
 
+SITE_FAMILIES = ("text", "numeric", "concurrency", "data", "net", "system", "devtools")
+
+
+def _cli(*args: str) -> str:
+    """Run a ``tandem`` command to completion; its stdout (raises with its output if it fails)."""
+    import subprocess
+
+    from tandem.launcher import tandem_argv
+
+    done = subprocess.run(tandem_argv(*args), capture_output=True, text=True, timeout=300,
+                          check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"tandem {' '.join(args[:3])} failed: "
+                           f"{(done.stderr or done.stdout).strip()[-600:]}")
+    return done.stdout
+
+
+def _token(output: str, kind: str) -> str:
+    import re
+
+    match = re.search(rf"^{kind} token: (\S+)$", output, re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"no {kind} token in: {output}")
+    return match.group(1)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
+    from edge.agent.config import read_node_config
     from tandem.launcher import ManagedProcess, free_port, stop_all, tandem_argv
     from tandem.redis_server import RedisServer
 
     home = args.home or default_home()
     run_dir = home / "up" / time.strftime("%Y%m%d-%H%M%S")
+    control_dir = run_dir / "control"
     artifact = ensure_edge_artifact(home, args.quantization)
     redis = None
     redis_url = args.redis_url
-    if redis_url is None:
-        redis = RedisServer(run_dir / "redis").start()
-        redis_url = redis.url
+    procs: list[ManagedProcess] = []
 
-    def server(name: str, *argv: str) -> ManagedProcess:
-        port, metrics = free_port(), free_port()
+    def server(name: str, *argv: str, port: int | None = None,
+               env: dict[str, str] | None = None) -> ManagedProcess:
+        port, metrics = port or free_port(), free_port()
         return ManagedProcess(
             name, tandem_argv(*argv, "--port", str(port), "--metrics-port", str(metrics)),
             run_dir / f"{name}.log", address=f"127.0.0.1:{port}",
-            metrics_url=f"http://127.0.0.1:{metrics}/metrics",
-        )
+            metrics_url=f"http://127.0.0.1:{metrics}/metrics", env=env)
 
-    procs = [server("cloud", "cloud", "serve", "--device", args.device)]
-    procs += [server(f"edge-{i}", "edge", "serve", "--artifact", str(artifact), "--node-id",
-                     f"edge-{i}", "--threads", "1") for i in range(1, args.edges + 1)]
-    backends = [arg for p in procs for arg in ("--backend", p.address or "")]
-    router_argv = ["router", "serve", "--host", args.host, *backends, "--redis-url", redis_url]
-    router_argv += ["--cascade"] if args.cascade else []
-    router_argv += ["--no-auth"] if args.no_auth else []
-    metrics_port = free_port()
-    router = ManagedProcess(
-        "router", tandem_argv(*router_argv, "--port", str(args.port), "--metrics-port",
-                              str(metrics_port)),
-        run_dir / "router.log", address=f"127.0.0.1:{args.port}",
-        metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
-    )
+    def start(process: ManagedProcess) -> ManagedProcess:
+        procs.append(process)
+        return process.start()
+
+    superlink = f"127.0.0.1:{free_port()}"
+    control = server("control", "cloud", "control", "serve", "--data-dir", str(control_dir),
+                     "--heartbeat-interval", "2", "--superlink-port",
+                     superlink.rsplit(":", 1)[1], "--rollout-min-requests", "20",
+                     "--rollout-min-duration", "60s", "--rollout-window", "5m")
+    cloud = server("cloud", "cloud", "serve", "--device", args.device)
+    router_port = args.port
     try:
+        if redis_url is None:
+            redis = RedisServer(run_dir / "redis").start()
+            redis_url = redis.url
         key = None if args.no_auth else create_demo_key(redis_url)
-        for p in procs:
-            p.start()
-        for p in procs:
+        start(control)
+        start(cloud)
+        control.wait_healthy(timeout_s=120)
+        data = ("--data-dir", str(control_dir))
+        _cli("model", "publish", str(artifact), *data)
+        sites = run_dir / "sites"
+        edges = []
+        for i in range(1, args.edges + 1):
+            node_dir, port = run_dir / f"edge-{i}", free_port()
+            token = _token(_cli("cloud", "token", "create", *data), "join")
+            _cli("edge", "install", "--cloud", control.address or "", "--token", token,
+                 "--data-dir", str(node_dir), "--no-systemd", "--port", str(port))
+            node = read_node_config(node_dir)
+            assert node is not None
+            # The site's data is named by node id: the router's escalation log finds it there.
+            site = sites / node.node_id
+            _cli("fed", "site", "--family", SITE_FAMILIES[(i - 1) % len(SITE_FAMILIES)],
+                 "--data-path", str(site))
+            edges.append(start(server(
+                f"edge-{i}", "edge", "run", "--data-dir", str(node_dir), "--threads", "1",
+                "--heartbeat", "2", "--superlink", superlink, "--fed-data", str(site),
+                "--fed-port", "0", port=port)))
+        router_token = _token(_cli("cloud", "token", "create", "--router", *data), "router")
+        router_argv = ["router", "serve", "--host", args.host, "--backend", cloud.address or "",
+                       "--control", control.address or "", "--discovery-interval", "2",
+                       "--redis-url", redis_url, "--escalation-log", str(sites)]
+        router_argv += ["--cascade"] if args.cascade else []
+        router_argv += ["--no-auth"] if args.no_auth else []
+        for p in (cloud, *edges):
             p.wait_healthy(timeout_s=180)
-        procs.append(router.start())
+        router = start(server("router", *router_argv, port=router_port,
+                              env={"TANDEM_ROUTER_TOKEN": router_token}))
         router.wait_healthy(timeout_s=60)
         print(f"  redis    {redis_url}", flush=True)
+        print(f"  flower   SuperLink {superlink}", flush=True)
         for p in procs:
             print(f"  {p.name:<8} {p.address}  metrics {p.metrics_url}  (log {p.log_path})",
                   flush=True)
@@ -127,8 +185,11 @@ def cmd_up(args: argparse.Namespace) -> int:
                 f"API key (shown once; create more with `tandem keys create`):\n"
                 f"  export TANDEM_API_KEY={key}\n  export TANDEM_REDIS_URL={redis_url}\n")
         print(f"\nTandem is up. Router: {args.host}:{args.port}  (logs in {run_dir})\n{auth}"
+              f"  export TANDEM_CONTROL_DIR={control_dir}\n"
               f"  tandem generate \"Return a new list\" --stream{where}\n"
               f"  tandem generate \"Return a new list\" --route cloud{where}\n"
+              f"  tandem fed run --rounds 3      # federated fine-tuning -> canary\n"
+              f"  tandem rollout status\n"
               f"Press Ctrl-C to stop.", flush=True)
         # Children run in their own sessions: the terminal's Ctrl-C reaches only this process,
         # which then drains them in order.

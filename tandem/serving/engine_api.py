@@ -92,6 +92,8 @@ def merge_chunks(chunks: list[Chunk]) -> Chunk:
 class ScoreResult:
     mean_loss: float
     prompt_tokens: int
+    # The serving model version's calibrated difficulty threshold, when it has one.
+    difficulty_threshold: float | None = None
 
 
 class Engine(Protocol):

@@ -137,6 +137,7 @@ class EngineServicer:
                 mean_loss=result.mean_loss,
                 prompt_tokens=result.prompt_tokens,
                 served_by=convert.served_by_to_proto(served_by),
+                difficulty_threshold=result.difficulty_threshold,
             )
 
     async def Info(

@@ -154,14 +154,16 @@ class ScoreRequest(_message.Message):
     def __init__(self, prompt: _Optional[str] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("mean_loss", "prompt_tokens", "served_by")
+    __slots__ = ("mean_loss", "prompt_tokens", "served_by", "difficulty_threshold")
     MEAN_LOSS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SERVED_BY_FIELD_NUMBER: _ClassVar[int]
+    DIFFICULTY_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     mean_loss: float
     prompt_tokens: int
     served_by: ServedBy
-    def __init__(self, mean_loss: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., served_by: _Optional[_Union[ServedBy, _Mapping]] = ...) -> None: ...
+    difficulty_threshold: float
+    def __init__(self, mean_loss: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., served_by: _Optional[_Union[ServedBy, _Mapping]] = ..., difficulty_threshold: _Optional[float] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()

@@ -1,0 +1,150 @@
+"""The ClientApp: runs on each site's SuperNode and fine-tunes the edge model on the site's own
+data (its documents plus the prompts it escalated, with the cloud's answers), which never leave
+the site; only weights (or adapters) and metrics go back.
+
+The site's data directory comes from the SuperNode's node config (``data-path``). Messages come
+in Flower's message form (``arrays`` + ``config``) or, under secure aggregation, its legacy form
+(``fitins.*``/``evaluateins.*``, unnamed parameter lists): both end in the same training and
+evaluation. Every message runs in a fresh process, so this module imports only what a round
+needs.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.common import Code, EvaluateRes, FitRes, Status, ndarrays_to_parameters
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common.recorddict_compat import (
+    evaluateres_to_recorddict,
+    fitres_to_recorddict,
+    recorddict_to_evaluateins,
+    recorddict_to_fitins,
+)
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+from federation.sitedata import read_site
+from federation.task import (
+    Exchange,
+    LocalTraining,
+    build_model,
+    cached_package,
+    exchanged_names,
+    exchanged_state,
+    heldout_loss,
+    prompt_loss_quantile,
+    tokenize_site,
+    train_locally,
+    unpack,
+)
+from model.tokenizer import Tokenizer
+
+app = ClientApp()
+
+
+def clip_when_asked(msg: Message, context: Context, call_next):  # type: ignore[no-untyped-def]
+    """Flower's client-side clipping, for the runs whose server asks for it (DP runs send a
+    clipping norm; the plain mod fails a message without one)."""
+    config = msg.content.config_records.get("config")
+    if config is not None and KEY_CLIPPING_NORM in config:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def secagg_when_asked(msg: Message, context: Context, call_next):  # type: ignore[no-untyped-def]
+    """Flower's SecAgg+ client protocol, for the rounds that run it (the plain mod fails any
+    other training message)."""
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def _site_path(context: Context) -> Path:
+    path = context.node_config.get("data-path")
+    if not path:
+        raise ValueError("this SuperNode has no data-path in its node config; start it with "
+                         "--node-config 'data-path=\"/site/data\"' (the edge agent does)")
+    return Path(str(path))
+
+
+def _prepare(msg: Message, context: Context):  # type: ignore[no-untyped-def]
+    """The site's data, the round's model, tokens and config from a message (either form)."""
+    content = msg.content
+    legacy = "fitins.config" in content or "evaluateins.config" in content
+    if legacy:
+        ins = (recorddict_to_fitins if "fitins.config" in content
+               else recorddict_to_evaluateins)(content, keep_input=True)
+        config: dict[str, object] = dict(ins.config)
+    else:
+        config = dict(content["config"].items())
+    site_path = _site_path(context)
+    entries = {k: v for k, v in config.items() if str(k).startswith("package/")}
+    package = (unpack(entries, site_path) if entries
+               else cached_package(str(config["base-version"]), site_path))
+    exchange = Exchange(str(config["exchange"]), int(config["lora-rank"]),
+                        float(config["lora-alpha"]), int(config["seed"]))
+    if legacy:
+        from flwr.common import parameters_to_ndarrays
+
+        names = exchanged_names(package)
+        weights = {n: torch.from_numpy(a.copy()) for n, a in
+                   zip(names, parameters_to_ndarrays(ins.parameters), strict=True)}
+    else:
+        weights = content["arrays"].to_torch_state_dict()
+    model = build_model(package, exchange, weights)
+    site = read_site(site_path)
+    tokens = tokenize_site(site, Tokenizer.from_dir(package), int(config["escalation-repeat"]))
+    return site, package, exchange, model, tokens, config, legacy
+
+
+@app.train(mods=[secagg_when_asked, clip_when_asked])
+def train(msg: Message, context: Context) -> Message:
+    """A few local steps from the round's global model; the new weights and the loss."""
+    site, _, exchange, model, tokens, config, legacy = _prepare(msg, context)
+    cfg = LocalTraining(int(config["local-steps"]), int(config["batch-size"]),
+                        int(config["seq-len"]), float(config["lr"]),
+                        float(config.get("proximal-mu", 0.0)),
+                        seed=int(config["seed"]) + int(config.get("server-round", 0)))
+    result = train_locally(model, tokens.train, cfg)
+    metrics = {
+        "num-examples": int(tokens.train.numel()),
+        "train-loss": float(result.final_loss),
+        "train-seconds": float(result.seconds),
+        "escalations": tokens.escalations,
+    }
+    site_record = ConfigRecord({"name": site.name})
+    if legacy:
+        state = exchanged_state(model, exchange)
+        fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(
+            [state[n].numpy() for n in state]), 1, metrics)  # 1: sites weigh the same
+        reply = fitres_to_recorddict(fitres, keep_input=True)
+        reply["site"] = site_record
+        return Message(reply, reply_to=msg)
+    return Message(RecordDict({
+        "arrays": ArrayRecord(exchanged_state(model, exchange)),
+        "metrics": MetricRecord(metrics),
+        "site": site_record,
+    }), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """The round's global model on the site's held-out documents."""
+    site, package, _, model, tokens, config, legacy = _prepare(msg, context)
+    nll, n = heldout_loss(model, tokens.heldout, int(config["eval-seq-len"]))
+    threshold = prompt_loss_quantile(model, Tokenizer.from_dir(package), site.heldout,
+                                     float(config["calibration-quantile"]))
+    metrics = {"num-examples": n, "eval-loss": nll, "eval-ppl": math.exp(nll),
+               "difficulty-quantile": threshold}
+    if legacy:
+        reply = evaluateres_to_recorddict(EvaluateRes(Status(Code.OK, ""), nll, n, metrics))
+    else:
+        reply = RecordDict({"metrics": MetricRecord(metrics)})
+    reply["site"] = ConfigRecord({"name": site.name})
+    return Message(reply, reply_to=msg)

@@ -1,10 +1,12 @@
 """The cloud tier's engine: continuous batching of the PyTorch model over a static KV cache.
 
-One engine thread owns the model. Between decode steps it drops cancelled and expired
-sequences (their slots are free at once), admits waiting ones into free slots (prefill, batched
-with right padding), then runs one decode step for every running sequence, each at its own
-position in its own cache slot, with its own sampling parameters. Tokens go back to the asyncio
+One engine thread owns the model. Between steps it drops cancelled and expired sequences
+(their slots are free at once); then the batcher (cloud/batcher.py) admits waiting ones into
+free slots, prefills prompts in chunks, and runs one decode step for every running sequence,
+each at its own position in its own cache slot, with its own sampling parameters; on CUDA the
+decode step is a replayed CUDA graph (cloud/decode_graphs.py). Tokens go back to the asyncio
 side as they are produced. The same code runs on CPU and CUDA: the device is configuration.
+Design notes: cloud/README.md.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from typing import Any
 
 import torch
 
+from cloud.batch_step import BatchStepper, DecodeConfig
+from cloud.batcher import ContinuousBatcher, TokenSequence
 from cloud.scheduler import Scheduler, SchedulerConfig
 from model.checkpoint import checkpoint_version, load_checkpoint, read_metadata
 from model.generate import sequence_nll
-from model.sampling import make_generator, sample
 from model.textstream import TextStream
 from model.tokenizer import Tokenizer
 from tandem.errors import DeadlineExceeded, InvalidRequest, TandemError, Unavailable
@@ -57,22 +60,15 @@ class CloudEngineConfig:
     limits: Limits = field(default_factory=Limits)
     # torch intra-op threads on CPU; None leaves torch's default.
     threads: int | None = None
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
 
 
-@dataclass(eq=False)
-class _Sequence:
+@dataclass(eq=False, kw_only=True)
+class _Sequence(TokenSequence):
     request: GenerationRequest
-    prompt_ids: list[int]
     stream: TextStream
     emit: Callable[[Chunk | Exception], None]
     arrival: float
-    slot: int = -1
-    generator: torch.Generator | None = None
-    generated: list[int] = field(default_factory=list)
-    started: float = 0.0
-    first_token: float = 0.0
-    cancelled: bool = False
-    done: bool = False
 
     def expired(self, now: float) -> bool:
         return self.request.deadline is not None and now > self.request.deadline
@@ -88,6 +84,8 @@ class CloudEngine:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.model = load_checkpoint(config.checkpoint, device=self.device, dtype=dtype)
+        if config.decode.fuse_projections:
+            self.model.fuse_projections()
         self.tokenizer = Tokenizer.from_dir(config.checkpoint)
         args = self.model.args
         self.max_context = min(config.max_context or args.max_seq_len, args.max_seq_len)
@@ -103,6 +101,9 @@ class CloudEngine:
         )
         self.scheduler: Scheduler[_Sequence] = Scheduler(
             config.scheduler, cost=lambda s: len(s.prompt_ids)
+        )
+        self.batcher = ContinuousBatcher(
+            BatchStepper(self.model, self.cache, config.decode), self.scheduler, self._append
         )
         self._jobs: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = deque()
         self._thread: threading.Thread | None = None
@@ -142,8 +143,8 @@ class CloudEngine:
             self._thread = None
         # Past the grace period: whatever is still accepted ends loudly, never hangs.
         gone = Unavailable("the cloud engine stopped before this request finished; retry")
-        for slot, seq in list(self.scheduler.running.items()):
-            self._finish(slot, seq)
+        for seq in list(self.scheduler.running.values()):
+            self.batcher.finish(seq)
             seq.emit(gone)
         for seq in self.scheduler.drop_waiting(lambda _: False):
             seq.done = True
@@ -164,6 +165,10 @@ class CloudEngine:
         seq = _Sequence(
             request=request,
             prompt_ids=ids,
+            temperature=request.temperature,
+            top_k=request.top_k,
+            top_p=request.top_p,
+            seed=request.seed,
             stream=TextStream(self.tokenizer, request.stop),
             emit=lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),
             arrival=time.monotonic(),
@@ -219,8 +224,8 @@ class CloudEngine:
                     self._step()
                 except Exception as e:  # a bug: fail the affected requests loudly, keep serving
                     log.exception("engine step failed")
-                    for slot, seq in list(self.scheduler.running.items()):
-                        self._finish(slot, seq)
+                    for seq in list(self.scheduler.running.values()):
+                        self.batcher.finish(seq)
                         seq.emit(TandemError(f"internal error in the cloud engine: {e}"))
 
     def _step(self) -> None:
@@ -231,79 +236,23 @@ class CloudEngine:
             except Exception as e:
                 fut.set_exception(e)
         self._reap()
-        admitted = self.scheduler.admit()
-        if admitted:
-            self._prefill(admitted)
-        if self.scheduler.running:
-            self._decode()
+        self.batcher.step()
 
     def _reap(self) -> None:
         now = time.monotonic()
-        for slot, seq in list(self.scheduler.running.items()):
+        for seq in list(self.scheduler.running.values()):
             if seq.cancelled:
-                self._finish(slot, seq)
+                self.batcher.finish(seq)
             elif seq.expired(now):
-                self._finish(slot, seq)
+                self.batcher.finish(seq)
                 seq.emit(DeadlineExceeded("the request's deadline passed during generation"))
         for seq in self.scheduler.drop_waiting(lambda s: not s.cancelled and not s.expired(now)):
             seq.done = True
             if not seq.cancelled:
                 seq.emit(DeadlineExceeded("the request's deadline passed while it was queued"))
 
-    def _prefill(self, admitted: list[tuple[int, _Sequence]]) -> None:
-        now = time.monotonic()
-        lengths = [len(seq.prompt_ids) for _, seq in admitted]
-        width = max(lengths)
-        # Right padding: pad positions are written past each row's end and masked out; the
-        # row's own later tokens overwrite them before anything attends to them.
-        tokens = torch.zeros((len(admitted), width), dtype=torch.long)
-        for row, (slot, seq) in enumerate(admitted):
-            tokens[row, : lengths[row]] = torch.tensor(seq.prompt_ids)
-            seq.slot, seq.started = slot, now
-            seq.generator = make_generator(seq.request.seed, self.device)
-        seqs = [seq for _, seq in admitted]
-        logits = self.model(
-            tokens.to(self.device),
-            torch.arange(width, device=self.device).expand(len(admitted), width),
-            self.cache,
-            torch.tensor([slot for slot, _ in admitted], device=self.device),
-            kv_len=width,
-            logit_index=torch.tensor(lengths, device=self.device) - 1,
-        )
-        self._emit_tokens(seqs, logits)
-
-    def _decode(self) -> None:
-        seqs = [seq for seq in self.scheduler.running.values() if not seq.done]
-        if not seqs:
-            return
-        positions = [len(s.prompt_ids) + len(s.generated) - 1 for s in seqs]
-        logits = self.model(
-            torch.tensor([[s.generated[-1]] for s in seqs], device=self.device),
-            torch.tensor(positions, device=self.device)[:, None],
-            self.cache,
-            torch.tensor([s.slot for s in seqs], device=self.device),
-            kv_len=max(positions) + 1,
-        )[:, -1]
-        self._emit_tokens(seqs, logits)
-
-    def _emit_tokens(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
-        reqs = [s.request for s in seqs]
-        gens = [s.generator for s in seqs]
-        next_ids = sample(
-            logits,
-            torch.tensor([r.temperature for r in reqs], device=self.device),
-            torch.tensor([r.top_k for r in reqs], device=self.device),
-            torch.tensor([r.top_p for r in reqs], device=self.device),
-            gens if any(g is not None for g in gens) else None,
-        ).tolist()  # the one host synchronisation of the step
-        now = time.monotonic()
-        for seq, token in zip(seqs, next_ids, strict=True):
-            self._append(seq, token, now)
-
-    def _append(self, seq: _Sequence, token: int, now: float) -> None:
-        if not seq.generated:
-            seq.first_token = now
-        seq.generated.append(token)
+    def _append(self, seq: _Sequence, token: int, now: float) -> bool:
+        """Stream one new token (already in ``seq.generated``); True when the sequence ends."""
         finish: str | None = None
         if token == self.eos_id:
             finish, text, ids = "eos", seq.stream.finish(), ()
@@ -319,8 +268,8 @@ class CloudEngine:
                 text += seq.stream.finish()
         if finish is None:
             seq.emit(Chunk(text, ids))
-            return
-        self._finish(seq.slot, seq)
+            return False
+        self.batcher.finish(seq)
         seq.emit(Chunk(
             text, ids, finish,
             Usage(len(seq.prompt_ids), len(seq.generated)),
@@ -330,7 +279,4 @@ class CloudEngine:
                 total_ms=(now - seq.arrival) * 1000,
             ),
         ))
-
-    def _finish(self, slot: int, seq: _Sequence) -> None:
-        seq.done = True
-        self.scheduler.release(slot, time.monotonic() - seq.started)
+        return True

@@ -8,6 +8,7 @@ take free KV-cache slots, and ``release`` when a sequence leaves. The queue is b
 
 from __future__ import annotations
 
+import heapq
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -23,7 +24,8 @@ T = TypeVar("T")
 class SchedulerConfig:
     slots: int = 8
     max_queue: int = 64
-    # Prompt tokens admitted per step: bounds how long one step can stall running decodes.
+    # Prompt tokens admitted, and prefilled, per step: bounds how long one step can stall
+    # running decodes. A longer prompt is prefilled in chunks of this size over several steps.
     max_prefill_tokens: int = 2048
 
 
@@ -35,7 +37,9 @@ class Scheduler(Generic[T]):
         self._cost = cost
         self._lock = threading.Lock()
         self._waiting: deque[T] = deque()
-        self._free = list(range(config.slots - 1, -1, -1))  # pop() hands out slot 0 first
+        # A heap: the lowest free slot goes first, so running sequences stay packed in slots
+        # 0..n-1 and the decode step's batch bucket (rows 0..bucket-1) stays small.
+        self._free = list(range(config.slots))
         self._running: dict[int, T] = {}
         self._closed = False
         # Seconds one sequence holds a slot, moving average; feeds the retry-after hint.
@@ -80,7 +84,7 @@ class Scheduler(Generic[T]):
                 if admitted and cost > budget:
                     break
                 item = self._waiting.popleft()
-                slot = self._free.pop()
+                slot = heapq.heappop(self._free)
                 self._running[slot] = item
                 admitted.append((slot, item))
                 budget -= cost
@@ -88,8 +92,8 @@ class Scheduler(Generic[T]):
 
     def release(self, slot: int, service_s: float | None = None) -> None:
         with self._lock:
-            self._running.pop(slot, None)
-            self._free.append(slot)
+            if self._running.pop(slot, None) is not None:
+                heapq.heappush(self._free, slot)
             if service_s is not None:
                 self._mean_service_s = 0.9 * self._mean_service_s + 0.1 * service_s
 

@@ -19,16 +19,21 @@ def sample(
     top_k: Tensor,
     top_p: Tensor,
     generators: Sequence[torch.Generator | None] | None = None,
+    *,
+    any_sampled: bool | None = None,
 ) -> Tensor:
     """Pick one token per row of ``logits`` (B, V); temperature 0 means greedy.
 
     ``top_k`` 0 and ``top_p`` 1 disable those filters. ``generators[b]`` (optional) drives
-    row b's randomness.
+    row b's randomness. ``any_sampled``: whether some row has temperature > 0, when the caller
+    knows; otherwise it is read off the device, which costs a host synchronisation.
     """
     logits = logits.float()
     greedy = logits.argmax(dim=-1)
     sampled_rows = temperature > 0
-    if generators is None and not bool(sampled_rows.any()):
+    if any_sampled is None:
+        any_sampled = generators is not None or bool(sampled_rows.any())
+    if not any_sampled:
         return greedy
     scaled = logits / temperature.clamp_min(1e-6)[:, None]
     sorted_logits, sorted_idx = scaled.sort(dim=-1, descending=True)

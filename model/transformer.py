@@ -10,6 +10,13 @@ head_dim)``. Each batch row names the cache slot it owns, so a continuous-batchi
 can run rows of different requests at different positions in one step. This file imports only
 torch, so the same code path runs on CPU and CUDA.
 
+For serving, ``fuse_projections`` concatenates q/k/v and gate/up into one matrix each (the
+original parameters become views of them, so no memory is duplicated): one matrix product
+instead of three or two, which matters when a decode step is a chain of small kernels. The
+mask is built once per forward; in a decode step grouped-query attention folds the query
+heads of each kv head into the query length, so SDPA needs no ``enable_gqa`` support and reads
+each kv head once.
+
 References: Llama (Touvron et al. 2023), RoFormer (Su et al. 2021), GQA (Ainslie et al. 2023),
 gpt-fast model.py, Hugging Face modeling_llama.py.
 """
@@ -74,7 +81,7 @@ def rope_inv_freq(args: ModelArgs, device: torch.device | str | None = None) -> 
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate ``x`` (B, nh, T, hd) by position; the half-split layout of HF checkpoints."""
+    """Rotate ``x`` (B, T, nh, hd) by position; the half-split layout of HF checkpoints."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return x * cos + rotated * sin
@@ -87,10 +94,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in fp32: bf16 squares lose too much precision over large hidden sizes.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # One fused kernel where the spelled-out formula is seven; it accumulates in fp32
+        # (bf16 squares lose too much precision over large hidden sizes).
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -101,6 +107,38 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        # Set by fuse(): q/k/v stacked into one matrix (the nn.Linear weights become views).
+        self.wqkv: Tensor | None = None
+        self.bqkv: Tensor | None = None
+
+    def fuse(self) -> None:
+        """Stack q/k/v into one matrix; the original parameters become views of it."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        self.wqkv = torch.cat([p.weight.detach() for p in projs])
+        if self.q_proj.bias is not None:
+            self.bqkv = torch.cat([p.bias.detach() for p in projs])  # type: ignore[union-attr]
+        start = 0
+        for p in projs:
+            n = p.weight.shape[0]
+            p.weight = nn.Parameter(self.wqkv[start : start + n], requires_grad=False)
+            if self.bqkv is not None:
+                p.bias = nn.Parameter(self.bqkv[start : start + n], requires_grad=False)
+            start += n
+
+    def _project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q (B, T, nh, hd), k and v (B, T, nkv, hd), rotary embedding applied."""
+        B, T, _ = x.shape
+        nh, nkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        if self.wqkv is None:
+            q = self.q_proj(x).view(B, T, nh, hd)
+            k = self.k_proj(x).view(B, T, nkv, hd)
+            v = self.v_proj(x).view(B, T, nkv, hd)
+            return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        qkv = F.linear(x, self.wqkv, self.bqkv)
+        # Rotate q and k together: one pass of the elementwise kernels instead of two.
+        qk = apply_rope(qkv[..., : (nh + nkv) * hd].view(B, T, nh + nkv, hd), cos, sin)
+        v = qkv[..., (nh + nkv) * hd :].view(B, T, nkv, hd)
+        return qk[:, :, :nh], qk[:, :, nh:], v
 
     def forward(
         self,
@@ -110,34 +148,47 @@ class Attention(nn.Module):
         cache: tuple[Tensor, Tensor] | None,
         input_pos: Tensor,
         slots: Tensor | None,
-        kv_len: int | None,
+        mask: Tensor | None,
     ) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, nh|nkv, T, hd)
+        nh, nkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self._project(x, cos, sin)  # (B, T, nh|nkv, hd)
 
-        if cache is None:
+        if cache is None or mask is None:
             # Whole-sequence forward (training, scoring): plain causal attention.
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:
-            k_cache, v_cache = cache  # (n_slots, nkv, L, hd)
-            rows = slots if slots is not None else torch.arange(B, device=x.device)
-            # Advanced indices around a slice put the indexed dims first: (B, T, nkv, hd).
-            idx = rows[:, None].expand(B, T)
-            k_cache[idx, :, input_pos] = k.transpose(1, 2).to(k_cache.dtype)
-            v_cache[idx, :, input_pos] = v.transpose(1, 2).to(v_cache.dtype)
-            L = kv_len if kv_len is not None else k_cache.shape[2]
-            keys, values = k_cache[rows, :, :L], v_cache[rows, :, :L]  # (B, nkv, L, hd)
-            # A query at position p sees cache entries 0..p of its own slot; entries beyond
-            # are stale (an earlier request, or padding) and are masked out.
-            mask = torch.arange(L, device=x.device)[None, None, :] <= input_pos[:, :, None]
             y = F.scaled_dot_product_attention(
-                q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask[:, None], enable_gqa=True
-            )
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        return self.o_proj(y)
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                is_causal=True, enable_gqa=True,
+            ).transpose(1, 2)  # (B, T, nh, hd)
+            return self.o_proj(y.reshape(B, T, nh * hd))
+
+        k_cache, v_cache = cache  # (n_slots, nkv, max_len, hd)
+        L = mask.shape[-1]
+        rows = slots if slots is not None else torch.arange(B, device=x.device)
+        # Advanced indices around a slice put the indexed dims first: (B, T, nkv, hd).
+        idx = rows[:, None].expand(B, T)
+        k_cache[idx, :, input_pos] = k.to(k_cache.dtype)
+        v_cache[idx, :, input_pos] = v.to(v_cache.dtype)
+        if slots is None:
+            # Row b owns slot b (the decode step): a view, no gather of the whole cache.
+            keys, values = k_cache[:B, :, :L], v_cache[:B, :, :L]  # (B, nkv, L, hd)
+        else:
+            keys, values = k_cache[rows, :, :L], v_cache[rows, :, :L]
+        keys, values = keys.to(q.dtype), values.to(q.dtype)
+        group = nh // nkv
+        if T == 1:
+            # Decode, GQA: the `group` query heads of one kv head become `group` query rows
+            # of it, so every kv head is read once and SDPA sees plain multi-head attention.
+            q = q.reshape(B, nkv, group, hd)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+            return self.o_proj(y.reshape(B, 1, nh * hd))
+        # Prefill: repeat kv heads (a small copy next to T queries' work) so the masked,
+        # memory-efficient kernel runs; SDPA's own GQA support is narrower across backends.
+        if group > 1:
+            keys = keys.repeat_interleave(group, dim=1)
+            values = values.repeat_interleave(group, dim=1)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, nh * hd))
 
 
 class MLP(nn.Module):
@@ -146,9 +197,20 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
         self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=False)
+        self.w_gate_up: Tensor | None = None  # set by fuse()
+
+    def fuse(self) -> None:
+        """Stack gate and up into one matrix; the original parameters become views of it."""
+        n = self.gate_proj.weight.shape[0]
+        self.w_gate_up = torch.cat([self.gate_proj.weight.detach(), self.up_proj.weight.detach()])
+        self.gate_proj.weight = nn.Parameter(self.w_gate_up[:n], requires_grad=False)
+        self.up_proj.weight = nn.Parameter(self.w_gate_up[n:], requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.w_gate_up is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = F.linear(x, self.w_gate_up).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -194,6 +256,16 @@ class Transformer(nn.Module):
         if self.args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def fuse_projections(self) -> None:
+        """For serving: one q/k/v and one gate/up matrix per layer (same values, fewer kernels).
+
+        The model stays loadable and usable everywhere, but its state dict now holds views;
+        save a checkpoint from an unfused model.
+        """
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+
     def new_cache(
         self, n_slots: int, max_len: int | None = None, dtype: torch.dtype | None = None
     ) -> KVCache:
@@ -229,12 +301,21 @@ class Transformer(nn.Module):
         if input_pos is None:
             input_pos = torch.arange(T, device=tokens.device).expand(B, T)
         freqs = input_pos[..., None].float() * self.inv_freq  # (B, T, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None]  # (B, T, 1, hd)
         x = self.model.embed_tokens(tokens)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        mask = None
+        if cache is not None:
+            L = min(kv_len if kv_len is not None else cache.max_len, cache.max_len)
+            # A query at position p sees cache entries 0..p of its own slot; entries beyond
+            # are stale (an earlier request, or padding) and are masked out. Additive, built
+            # once for all layers: SDPA would convert a boolean mask in every layer.
+            visible = torch.arange(L, device=x.device)[None, None, :] <= input_pos[:, :, None]
+            mask = torch.zeros(visible.shape, dtype=x.dtype, device=x.device)
+            mask = mask.masked_fill(~visible, float("-inf"))[:, None]  # (B, 1, T, L)
         for i, layer in enumerate(self.model.layers):
             layer_cache = (cache.k[i], cache.v[i]) if cache is not None else None
-            x = layer(x, cos, sin, layer_cache, input_pos, slots, kv_len)
+            x = layer(x, cos, sin, layer_cache, input_pos, slots, mask)
         if logit_index is not None:
             x = x[torch.arange(B, device=x.device), logit_index][:, None]
         logits = self.lm_head(self.model.norm(x))

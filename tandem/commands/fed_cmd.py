@@ -126,8 +126,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _phase_line(server_round: int, phase: str, entry: dict[str, Any]) -> str:
     key = "train-loss" if phase == "train" else "eval-ppl"
-    sites = ", ".join(f"{n['site']} {n[key]:.2f}" for n in
-                      sorted(entry["nodes"].values(), key=lambda n: n["site"]) if key in n)
+    # Stages of secure aggregation carry no metrics: only nodes that reported are shown.
+    reported = sorted((n for n in entry["nodes"].values() if key in n and "site" in n),
+                      key=lambda n: n["site"])
+    sites = ", ".join(f"{n['site']} {n[key]:.2f}" for n in reported) or "-"
     fails = f"; {len(entry['failures'])} failed" if entry.get("failures") else ""
     what = "loss" if phase == "train" else "held-out ppl"
     return (f"round {server_round} {phase:<8} {entry['answered']}/{entry['sampled']} nodes "

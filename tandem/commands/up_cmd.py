@@ -120,9 +120,12 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     def server(name: str, *argv: str, port: int | None = None,
                env: dict[str, str] | None = None) -> ManagedProcess:
-        port, metrics = port or free_port(), free_port()
+        # An edge node listens where it enrolled (node.json); the others take --port.
+        listen = () if argv[:2] == ("edge", "run") else ("--port", str(port or free_port()))
+        port = port or int(listen[1])
+        metrics = free_port()
         return ManagedProcess(
-            name, tandem_argv(*argv, "--port", str(port), "--metrics-port", str(metrics)),
+            name, tandem_argv(*argv, *listen, "--metrics-port", str(metrics)),
             run_dir / f"{name}.log", address=f"127.0.0.1:{port}",
             metrics_url=f"http://127.0.0.1:{metrics}/metrics", env=env)
 

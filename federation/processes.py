@@ -39,12 +39,16 @@ def flower_bin(name: str) -> str:
     return found
 
 
-def flower_env(home: Path) -> dict[str, str]:
-    """The environment of a Flower process whose state lives in ``home``."""
+def flower_env(home: Path, threads: int | None = None) -> dict[str, str]:
+    """The environment of a Flower process whose state lives in ``home`` (and whose torch
+    uses ``threads`` threads, when given)."""
     home.mkdir(parents=True, exist_ok=True)
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    return {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1", "PATH": path, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
+           "FLWR_DISABLE_UPDATE_CHECK": "1", "PATH": path, "PYTHONUNBUFFERED": "1"}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    return env
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,9 @@ class SuperNodeConfig:
     state_dir: Path
     port: int = SUPERNODE_PORT
     tls: FlowerTls = field(default_factory=FlowerTls)
+    # Training threads of the ClientApp: it shares the node with serving, which must stay
+    # responsive, and a round's few local steps gain little from more.
+    threads: int = 1
 
     def argv(self) -> list[str]:
         argv = [flower_bin("flower-supernode"), "--superlink", self.superlink,
@@ -149,9 +156,10 @@ class FlowerProcess:
 
     def __init__(self, name: str, argv: list[str], home: Path, log_path: Path,
                  health_url: str, ca_cert: Path | None = None, *,
-                 backoff_s: tuple[float, float] = (1.0, 60.0)) -> None:
+                 backoff_s: tuple[float, float] = (1.0, 60.0), threads: int | None = None
+                 ) -> None:
         self.name, self.argv, self.home, self.log_path = name, argv, home, log_path
-        self.health_url, self.ca_cert = health_url, ca_cert
+        self.health_url, self.ca_cert, self.threads = health_url, ca_cert, threads
         self.backoff_min_s, self.backoff_max_s = backoff_s
         self.proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
@@ -161,7 +169,8 @@ class FlowerProcess:
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(
                 self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=flower_env(self.home), cwd=self.home, start_new_session=True)
+                env=flower_env(self.home, self.threads), cwd=self.home,
+                start_new_session=True)
         log.info("started %s (pid %d), log %s", self.name, self.proc.pid, self.log_path)
         return self
 
@@ -243,4 +252,5 @@ def superlink_process(config: SuperLinkConfig) -> FlowerProcess:
 def supernode_process(config: SuperNodeConfig) -> FlowerProcess:
     config.state_dir.mkdir(parents=True, exist_ok=True)
     return FlowerProcess("flower-supernode", config.argv(), config.state_dir / "home",
-                         config.state_dir / "supernode.log", config.health_url())
+                         config.state_dir / "supernode.log", config.health_url(),
+                         threads=config.threads)

@@ -157,8 +157,14 @@ class RecordingGrid(Grid):
                 continue
             row: dict[str, Any] = {"sent_bytes": sent.get(node_id, 0),
                                    "received_bytes": record_bytes(reply.content)}
-            for metrics in reply.content.metric_records.values():
-                row.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+            # Metrics: a MetricRecord, or (legacy replies) a "fitres/evaluateres.metrics"
+            # ConfigRecord.
+            records = [*reply.content.metric_records.values(),
+                       *(r for k, r in reply.content.config_records.items()
+                         if k.endswith(".metrics"))]
+            for metrics in records:
+                row.update({k: v for k, v in metrics.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
             site = reply.content.config_records.get("site")
             if site is not None:  # stages of secure aggregation answer without one
                 row["site"] = str(site["name"])

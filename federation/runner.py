@@ -102,6 +102,13 @@ class FlowerCli:
     def stop(self, run_id: int) -> None:
         self._flwr("stop", str(run_id), CONNECTION)
 
+    def register_supernode(self, public_key: Path, name: str = "") -> dict[str, Any]:
+        """Let the SuperNode holding ``public_key``'s private half join an authenticating
+        SuperLink."""
+        extra = ("--name", name) if name else ()
+        return self._flwr("supernode", "register", str(Path(public_key).resolve()),
+                          CONNECTION, *extra)
+
 
 def _toml(value: Any) -> str:
     if isinstance(value, bool):

@@ -1,5 +1,6 @@
-"""Flower's links over TLS: a SuperLink serving a certificate from a private CA, a SuperNode
-and the run CLI that trust only that CA, and a federated round through them."""
+"""Flower's links over TLS with SuperNode authentication: a SuperLink serving a certificate
+from a private CA and accepting only registered SuperNodes, a registered node and the run CLI
+that trust only that CA, a federated round through them, and an unregistered node kept out."""
 
 from __future__ import annotations
 
@@ -67,21 +68,42 @@ def make_tls(root: Path) -> FlowerTls:
             raw, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())))
 
 
-def test_a_round_over_tls(tmp_path: Path) -> None:
+def node_key(root: Path, name: str) -> tuple[Path, Path]:
+    """An OpenSSH ECDSA key pair, as `ssh-keygen -t ecdsa` makes: (private, public)."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = _pem(root / f"{name}.key", key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption()))
+    public = _pem(root / f"{name}.pub", key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    return private, public
+
+
+def test_a_round_over_tls_with_authenticated_supernodes(tmp_path: Path) -> None:
     tls = make_tls(tmp_path)
+    tls = FlowerTls(ca_cert=tls.ca_cert, server_cert=tls.server_cert,
+                    server_key=tls.server_key, supernode_auth=True)
     link = SuperLinkConfig(state_dir=tmp_path / "link", port=free_port(), tls=tls)
     superlink = superlink_process(link).start()
-    node = None
+    node = stranger = None
     try:
         superlink.wait_healthy(60)
-        # Plain HTTP and an untrusted client both fail: the link is TLS only.
+        # Plain HTTP fails: the link is TLS only.
         assert not http_healthy(f"http://{link.address}/health")
+        cli = FlowerCli(LinkInfo.of(link.address, tls), tmp_path / "cli")
+        private, public = node_key(tmp_path, "site")
+        cli.register_supernode(public, "site")
         site = write_corpus_site(tmp_path / "site", "text")
         node = supernode_process(SuperNodeConfig(
             superlink=link.address, data_path=site, state_dir=tmp_path / "node",
-            port=free_port(), tls=FlowerTls(ca_cert=tls.ca_cert))).start()
+            port=free_port(), tls=FlowerTls(ca_cert=tls.ca_cert, supernode_key=private))).start()
         node.wait_healthy(60)
-        cli = FlowerCli(LinkInfo.of(link.address, tls), tmp_path / "cli")
+        # A node with a key nobody registered is refused.
+        stranger_key, _ = node_key(tmp_path, "stranger")
+        stranger = supernode_process(SuperNodeConfig(
+            superlink=link.address, data_path=site, state_dir=tmp_path / "stranger",
+            port=free_port(), tls=FlowerTls(ca_cert=tls.ca_cert, supernode_key=stranger_key)))
+        stranger.start()
         run_id = cli.submit({
             "num-server-rounds": 1, "local-steps": 4, "min-nodes": 1, "seq-len": 64,
             "base-checkpoint": str(DEMO_DIR / "edge"), "out-dir": str(tmp_path / "runs")})
@@ -95,8 +117,12 @@ def test_a_round_over_tls(tmp_path: Path) -> None:
         status = json.loads(status_path.read_text())
         assert status["state"] == "finished", status
         train = next(r for r in status["rounds"] if r["round"] == 1)["train"]
-        assert train["answered"] == 1, train
+        # Only the registered node took part (min-nodes 1; the stranger never joined).
+        assert train["answered"] == 1 and train["sampled"] == 1, train
+        assert "No SuperNode found with the given public key" in superlink.log_tail(400), \
+            superlink.log_tail(60)
     finally:
-        if node is not None:
-            node.stop()
+        for p in (stranger, node):
+            if p is not None:
+                p.stop()
         superlink.stop()

@@ -50,6 +50,17 @@ def register(groups: Any) -> None:
     _data_dir_flag(status)
     status.set_defaults(func=cmd_status)
 
+    register = sub.add_parser(
+        "register-node", help="let a SuperNode join a SuperLink that authenticates nodes")
+    register.add_argument("public_key", type=Path, metavar="PUBLIC_KEY",
+                          help="the node's OpenSSH public key (ssh-keygen -t ecdsa); the node "
+                               "runs with `tandem edge run --fed-auth-key PRIVATE_KEY`")
+    register.add_argument("--name", default="", help="how Flower lists the node")
+    register.add_argument("--superlink", default=None, metavar="HOST:PORT")
+    register.add_argument("--root-cert", type=Path, default=None)
+    _data_dir_flag(register)
+    register.set_defaults(func=cmd_register)
+
     site = sub.add_parser("site", help="fill a site's data directory from the demo corpus")
     site.add_argument("--family", required=True,
                       help="module family of the demo corpus (one per site: non-IID)")
@@ -199,6 +210,14 @@ def cmd_status(args: argparse.Namespace) -> int:
                 print("  " + _phase_line(row["round"], phase, row[phase]))
     if latest["state"] != "running":
         _print_result(latest)
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    control_dir = _data_dir(args).resolve()
+    out = _cli(args, control_dir).register_supernode(args.public_key, args.name)
+    print(f"registered {args.public_key} ({out.get('node-id', 'pending')}); the node joins "
+          "with its private key")
     return 0
 
 

@@ -138,11 +138,16 @@ def test_the_autoscaler_scrapes_every_router_pod() -> None:
     assert {"configMapRef": {"name": "tandem-config"}} in c["envFrom"]
 
 
-def test_the_superlink_service_carries_port_8000() -> None:
+def test_the_superlink_service_reaches_the_control_plane_pod_on_port_8000() -> None:
+    # The SuperLink runs inside the control plane's pod: its ServerApp publishes there.
     svc = one("Service", "tandem-superlink")
     assert [p["port"] for p in svc["spec"]["ports"]] == [8000]
-    [c] = containers(one("Deployment", "tandem-superlink"))
-    assert c["args"][c["args"].index("--port") + 1] == "8000"
+    control = one("StatefulSet", "tandem-control")
+    labels = control["spec"]["template"]["metadata"]["labels"]
+    assert all(labels.get(k) == v for k, v in svc["spec"]["selector"].items())
+    [c] = containers(control)
+    assert c["args"][c["args"].index("--superlink-port") + 1] == "8000"
+    assert {"name": "flower", "containerPort": 8000} in c["ports"]
 
 
 def test_manifests_pass_the_kubernetes_api_schemas() -> None:
@@ -164,7 +169,7 @@ def test_kustomize_renders_the_deployment() -> None:
                          timeout=60)
     assert run.returncode == 0, run.stderr
     kinds = [d["kind"] for d in yaml.safe_load_all(run.stdout)]
-    assert kinds.count("Deployment") == 4 and "HorizontalPodAutoscaler" in kinds
+    assert kinds.count("Deployment") == 3 and "HorizontalPodAutoscaler" in kinds
 
 
 # -- Dockerfiles -------------------------------------------------------------------------------
@@ -188,6 +193,11 @@ def test_dockerfiles_build_tandem_from_the_repository(tier: str) -> None:
     run = " ".join(rest for word, rest in steps if word == "RUN")
     if tier == "cloud":
         assert "cuda" in base and '".[federation]"' in run
+    elif tier == "edge":  # the core install; torch (CPU) and Flower only when asked
+        assert base.startswith("python:3.11-slim") and "[cloud]" not in run
+        assert 'pip install --no-cache-dir ".${EXTRAS:+[$EXTRAS]}"' in run
+        assert run.index('if [ -n "$EXTRAS" ]') < run.index("torch") < run.index("fi")
+        assert "whl/cpu" in run
     else:  # no torch, no CUDA: the core install only
         assert base.startswith("python:3.11-slim") and "pip install --no-cache-dir ." in run
         assert "[cloud]" not in run and "torch" not in run.lower()

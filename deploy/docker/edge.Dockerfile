@@ -15,8 +15,16 @@ COPY edge edge
 COPY router router
 COPY federation federation
 COPY tandem tandem
-# The core install only: onnxruntime, tokenizers, grpc; torch stays out (gigabytes).
-RUN pip install --no-cache-dir . \
+# The core install: onnxruntime, tokenizers, grpc; torch stays out (gigabytes). Sites that
+# take part in federated fine-tuning build with --build-arg EXTRAS=federation: Flower and a
+# CPU-only torch for the SuperNode's training.
+ARG EXTRAS=""
+# DL3013: the project itself is the package; pyproject.toml pins its dependencies.
+# hadolint ignore=DL3013
+RUN if [ -n "$EXTRAS" ]; then \
+      pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0"; \
+    fi \
+    && pip install --no-cache-dir ".${EXTRAS:+[$EXTRAS]}" \
     && useradd --create-home --uid 10001 tandem \
     && mkdir -p /var/lib/tandem-edge && chown tandem /var/lib/tandem-edge
 

@@ -130,7 +130,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                     printed.add((row["round"], phase))
                     print(_phase_line(row["round"], phase, row[phase]), flush=True)
 
-    status = wait_for_run(cli, control_dir, run_id, args.deadline + 120, progress)
+    # The ServerApp ends itself at the run's deadline; the margin covers publishing.
+    status = wait_for_run(cli, control_dir, run_id, float(config["deadline"]) + 300, progress)
     _print_result(status)
     return 0 if status.get("state") == "finished" else 1
 

@@ -22,10 +22,16 @@ import logging
 import math
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+# Run as a script, this file's directory comes first on sys.path, and the file shares its
+# name with the package it measures: take the directory out so `federation` is the package.
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
 
 import torch
 
@@ -100,6 +106,8 @@ def federated(root: Path, work: Path, exchange: str, args: argparse.Namespace
     finally:
         for p in reversed(processes):
             p.stop()
+    if status["state"] != "finished":
+        return {"state": status["state"], "error": status.get("error", ""), "per_site": {}}
     rounds = [r for r in status["rounds"] if r["round"] >= 1]
     per_client = [
         {"round": r["round"], "phase": phase, "seconds": r[phase]["seconds"],
@@ -177,12 +185,15 @@ def main() -> None:
     print(f"{'site':<12} {'start':>8} {'local':>8} " + " ".join(
         f"{'fed-' + e:>9}" for e in args.exchanges.split(",")) + f" {'central':>8}")
     for s in SITES:
-        fed = " ".join(f"{result['federated_' + e]['per_site'][s]:>9.2f}"
+        fed = " ".join(f"{result['federated_' + e]['per_site'].get(s, math.nan):>9.2f}"
                        for e in args.exchanges.split(","))
         print(f"{s:<12} {result['start'][s]:>8.2f} {result['local_only'][s]:>8.2f} {fed} "
               f"{result['centralized'][s]:>8.2f}")
     for e in args.exchanges.split(","):
         r = result[f"federated_{e}"]
+        if r["state"] != "finished":
+            print(f"{e}: {r['state']}: {r['error']}")
+            continue
         print(f"{e}: round {r['round_seconds_median']:.1f} s (median), train up "
               f"{r['train_up_bytes_per_client'] / 1e6:.2f} MB / down "
               f"{r['train_down_bytes_per_client'] / 1e6:.2f} MB per client per round")

@@ -69,6 +69,11 @@ class FlowerTls:
     supernode_key: Path | None = None
 
     def __post_init__(self) -> None:
+        # Flower processes run in their own state directories: relative paths would break.
+        for name in ("ca_cert", "server_cert", "server_key", "supernode_key"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, Path(value).expanduser().resolve())
         if (self.server_cert is None) != (self.server_key is None):
             raise ValueError("a TLS certificate needs its key, and the key its certificate")
         if self.supernode_auth and self.ca_cert is None:

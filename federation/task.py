@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from model.checkpoint import CheckpointError, checkpoint_version, load_checkpoin
 from model.tokenizer import Tokenizer
 from model.train import TrainConfig, TrainResult, evaluate_nll, pack_documents, train
 from model.transformer import Transformer
+from tandem.durable import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -69,22 +68,20 @@ def package_entries(checkpoint: Path, exchange: Exchange) -> dict[str, str | byt
 
 
 def unpack(entries: dict[str, object], cache_root: Path) -> Path:
-    """Store a package found in a message's config under ``cache_root`` (once per version);
-    returns its directory."""
+    """Store a package found in a message's config under ``cache_root``; returns its directory.
+
+    Files are added one by one, each atomically, and only when missing: a package cached by a
+    full-exchange run (no base weights) gains them when a LoRA run sends them.
+    """
     version = str(entries["package/base-version"])
     target = cache_root / CACHE_DIR / version
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=target.parent))
+    target.mkdir(parents=True, exist_ok=True)
     for key, value in entries.items():
-        if key.startswith("package/") and key != "package/base-version":
+        name = key.removeprefix("package/")
+        if key.startswith("package/") and key != "package/base-version" \
+                and not (target / name).is_file():
             data = value if isinstance(value, bytes) else str(value).encode("utf-8")
-            (tmp / key.removeprefix("package/")).write_bytes(data)
-    try:
-        tmp.rename(target)
-    except OSError:  # another message of the run stored it first
-        shutil.rmtree(tmp, ignore_errors=True)
+            write_atomic(target / name, data)
     return target
 
 

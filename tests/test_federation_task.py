@@ -80,8 +80,11 @@ def test_package_and_exchanged_state_rebuild_the_model(
     entries = package_entries(micro_checkpoint, exchange)
     assert entries["package/base-version"] == checkpoint_version(micro_checkpoint)
     assert ("package/weights.safetensors" in entries) == (kind == LORA)
+    # A full-exchange run cached this version without base weights; a LoRA run adds them.
+    unpack(package_entries(micro_checkpoint, Exchange(FULL)), tmp_path)
     package = unpack(entries, tmp_path)
-    assert unpack(entries, tmp_path) == package  # stored once
+    assert unpack(entries, tmp_path) == package
+    assert (package / "weights.safetensors").is_file() == (kind == LORA)
     model = load_checkpoint(micro_checkpoint, dtype="float32")
     if kind == LORA:
         add_lora(model, 4, 16.0, 0)

@@ -284,7 +284,11 @@ async def run_control_server(config: ControlConfig,
 
         # Flower's SuperLink beside the control plane: the cloud end of federated runs.
         process = superlink_process(config.superlink).start()
-        await asyncio.to_thread(process.wait_healthy, 60.0)
+        try:
+            await asyncio.to_thread(process.wait_healthy, 60.0)
+        except BaseException:
+            process.stop()
+            raise
         LinkInfo.of(config.superlink.address, config.superlink.tls).save(config.data_dir)
         superlink = asyncio.create_task(process.supervise(), name="superlink")
         log.info("Flower SuperLink on %s (log %s)", config.superlink.address, process.log_path)

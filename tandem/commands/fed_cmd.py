@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -114,8 +115,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         "control-dir": "" if args.no_publish else str(control_dir),
         "deadline": float(config.get("deadline", args.deadline)),
     })
+    from federation.config import FedRunConfig
+
+    # A typo or a bad value fails here, in one line, not in the ServerApp's log.
+    FedRunConfig.from_run_config(config)
     cli = _cli(args, control_dir)
-    run_id = cli.submit(config)
+    try:
+        run_id = cli.submit(config)
+    except (RuntimeError, OSError) as e:  # the SuperLink refused or is unreachable
+        print(f"tandem: error: {e}", file=sys.stderr)
+        return 1
     print(f"run {run_id} submitted to {cli.link.address}: {args.rounds} round(s) from "
           f"{Path(config['base-checkpoint']).name}", flush=True)
     if args.detach:

@@ -4,7 +4,8 @@ Three sites, each holding one family of the demo corpus (non-IID), each measured
 held-out documents:
 
   (a) start        the shipped demo edge model
-  (b) local-only   each site fine-tunes alone, as many steps as its federated share
+  (b) local-only   each site fine-tunes alone, as many steps as its federated share (also
+                   measured on the other sites' held-out data: what specialising costs)
   (c) federated    a real deployment: a SuperLink and three SuperNodes (Flower processes on
                    loopback), FedAvg over R rounds, full weights and LoRA adapters
   (d) centralized  one model on the pooled training data, the same total steps (upper bound)
@@ -64,11 +65,13 @@ def in_process_baselines(root: Path, args: argparse.Namespace) -> dict[str, Any]
     tokens = {s: tokenize_site(read_site(root / s), tokenizer) for s in SITES}
     cfg = LocalTraining(args.local_steps * args.rounds, args.batch_size, args.seq_len, args.lr)
     start = site_ppl(load_checkpoint(CHECKPOINT, dtype="float32"), tokens, args.eval_seq_len)
-    local = {}
-    for s in SITES:  # each site alone, measured on its own held-out data
+    local, local_elsewhere = {}, {}
+    for s in SITES:  # each site alone: on its own held-out data, and on the other sites'
         model = load_checkpoint(CHECKPOINT, dtype="float32")
         train_locally(model, tokens[s].train, cfg)
-        local[s] = math.exp(heldout_loss(model, tokens[s].heldout, args.eval_seq_len)[0])
+        everywhere = site_ppl(model, tokens, args.eval_seq_len)
+        local[s] = everywhere[s]
+        local_elsewhere[s] = {t: v for t, v in everywhere.items() if t != s}
     pooled = torch.cat([tokens[s].train for s in SITES])
     model = load_checkpoint(CHECKPOINT, dtype="float32")
     t0 = time.perf_counter()
@@ -76,7 +79,8 @@ def in_process_baselines(root: Path, args: argparse.Namespace) -> dict[str, Any]
                                                args.seq_len, args.lr))
     central_s = time.perf_counter() - t0
     central = site_ppl(model, tokens, args.eval_seq_len)
-    return {"start": start, "local_only": local, "centralized": central,
+    return {"start": start, "local_only": local, "local_only_on_other_sites": local_elsewhere,
+            "centralized": central,
             "centralized_seconds": central_s,
             "train_tokens": {s: int(tokens[s].train.numel()) for s in SITES}}
 

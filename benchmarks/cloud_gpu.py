@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import gc
 import json
 import os
@@ -34,11 +35,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.attention import sdpa_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cloud.batch_step import BatchStepper, DecodeConfig  # noqa: E402
+from cloud.batch_step import BatchStepper, DecodeConfig, Row  # noqa: E402
 from cloud.batcher import ContinuousBatcher, TokenSequence  # noqa: E402
 from cloud.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 from model.config import ModelArgs  # noqa: E402
@@ -273,15 +275,21 @@ def parity(out: dict[str, Any]) -> None:
     seqs_out = [s.generated for s in seqs]
     match = [ids == list(generate_tokens(ref, p, n))
              for ids, p, n in zip(seqs_out, prompts, news, strict=True)]
+    graphs = h.stepper.graphs
     out.update(fp32_greedy_equal=f"{sum(match)}/{len(match)}", ok=all(match),
-               graphs_captured=len(h.stepper.graphs.captured), steps=batcher.steps)
+               graphs_captured=len(graphs.captured), steps=batcher.steps,
+               compiled=graphs.compiled, compile_error=graphs.compile_error)
 
 
 def graphs_vs_eager(model: Transformer, out: dict[str, Any]) -> None:
-    """bf16: the captured graphs give bit-identical greedy tokens to the same step run eagerly."""
+    """bf16: greedy tokens of the compiled, captured step against the plain eager step.
+
+    Not bit-identical: the fused kernels round bf16 intermediates in other places (fp32
+    parity with the reference is the ``parity`` section). Reports how far sequences agree.
+    """
     toks = []
     for graphs in (True, False):
-        h = Harness(model, 8, 512, DecodeConfig(cuda_graphs=graphs))
+        h = Harness(model, 8, 512, DecodeConfig(cuda_graphs=graphs, compile=graphs))
         prompts = random_prompts(6, 100, model.args.vocab_size, 3)
         seqs = [TokenSequence(prompt_ids=p) for p in prompts]
         sched: Scheduler[TokenSequence] = Scheduler(
@@ -294,14 +302,25 @@ def graphs_vs_eager(model: Transformer, out: dict[str, Any]) -> None:
             while not sched.idle:
                 batcher.step()
         toks.append([s.generated for s in seqs])
+        if graphs:
+            out.update(compiled=h.stepper.graphs.compiled,
+                       compile_error=h.stepper.graphs.compile_error)
         del h
-    out["bf16_graphs_equal_eager"] = toks[0] == toks[1]
+    agree = []
+    for a, b in zip(*toks, strict=True):
+        n = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+        agree.append(n)
+    out.update(bf16_sequences_equal=f"{sum(n == 40 for n in agree)}/{len(agree)}",
+               bf16_tokens_agreeing_before_first_difference=agree)
 
 
 def decode_batch1(h: Harness, model_bytes: int, copy_gb_s: float, out: dict[str, Any]) -> None:
     vocab = h.model.args.vocab_size
     with torch.inference_mode():
-        h.stepper.graphs.warm_up([1], h.cache.max_len)
+        start = time.monotonic()
+        made = h.stepper.graphs.warm_up([1], h.cache.max_len)
+        out.update(warm_up_s=round(time.monotonic() - start, 1), graphs=made,
+                   compiled=h.stepper.graphs.compiled)
     new = h.cache.max_len - 128
     h.run(random_prompts(1, 128, vocab, 1), [min(32, new)])  # warm-up
     r = h.run(random_prompts(1, 128, vocab, 2), [new])
@@ -356,7 +375,9 @@ def throughput(h: Harness, batches: list[int], new: int, out: dict[str, Any]) ->
     for n in batches:
         # All n admitted and prefilled in one step, so the decode batch is n throughout.
         with torch.inference_mode():
+            start = time.monotonic()
             h.stepper.graphs.warm_up([n], h.cache.max_len)
+            out[f"warm_up_s_{n}"] = round(time.monotonic() - start, 1)
         r = h.run(random_prompts(n, 128, vocab, n), [new] * n, prefill_budget=n * 128)
         out[str(n)] = {"tok_s": round(r["output_tok_s"], 1), "wall_s": round(r["wall_s"], 2),
                        "per_token_ms": r["per_token_ms"]}
@@ -430,16 +451,30 @@ def trace_replay(h: Harness, rates: list[float], window_s: float, out: dict[str,
                slots=h.slots, prefill_chunk=prefill_chunk,
                clip=f"prompt <= {max_prompt}, output <= {max_new} tokens")
     if DEVICE == "cuda":
-        # One full prefill chunk deep into a long prompt: the longest stall a step can add.
-        chunk, start = min(prefill_chunk, 2048), 1024
-        toks = torch.randint(0, vocab, (1, chunk), device=DEVICE)
-        pos = torch.arange(start, start + chunk, device=DEVICE)[None]
-        slot0, last = torch.tensor([0], device=DEVICE), torch.tensor([chunk - 1], device=DEVICE)
-        with torch.inference_mode():
-            s = timed(lambda: h.model(toks, pos, h.cache, slot0, kv_len=start + chunk,
-                                      logit_index=last), 5)
-        out["prefill_chunk"] = {"tokens": chunk, "after": start, "ms": round(s * 1000, 2),
-                                "tok_s": round(chunk / s)}
+        # One prefill chunk deep into a long prompt, alone in a step: the longest stall a
+        # step can add. GPU time (events around the forward) and the whole step's wall time
+        # (host work, launches and the step's one sync).
+        start = 1024
+        for chunk in sorted({256, 512, 1024, prefill_chunk}):
+            toks = torch.randint(0, vocab, (1, chunk), device=DEVICE)
+            pos = torch.arange(start, start + chunk, device=DEVICE)[None]
+            slot0 = torch.tensor([0], device=DEVICE)
+            last = torch.tensor([chunk - 1], device=DEVICE)
+            forward = functools.partial(h.model, toks, pos, h.cache, slot0,
+                                        kv_len=start + chunk, logit_index=last)
+            with torch.inference_mode(), sdpa_kernel(h.stepper.prefill_backends):
+                s = timed(forward, 5)
+            with torch.inference_mode():
+                row = Row(0, toks[0].tolist(), start)
+                h.stepper.step([row], [])
+                walls = []
+                for _ in range(5):
+                    t = time.perf_counter()
+                    h.stepper.step([row], [])
+                    walls.append(time.perf_counter() - t)
+            out[f"prefill_chunk_{chunk}"] = {
+                "after": start, "forward_ms": round(s * 1000, 2),
+                "step_wall_ms": round(sorted(walls)[2] * 1000, 2), "tok_s": round(chunk / s)}
     levels = out.setdefault("levels", {})
     best = 0.0
     for rate in rates:
@@ -469,8 +504,8 @@ def main() -> int:
     p.add_argument("--hf-new-tokens", type=int, default=64,
                    help="HF generate runs ~70 ms a step at any batch; fewer tokens fit the budget")
     p.add_argument("--hf-batches", default="1,8,32,128,256")
-    p.add_argument("--rates", default="8,16,32,64,128")
-    p.add_argument("--window", type=float, default=15.0)
+    p.add_argument("--rates", default="16,32,48,64,96")
+    p.add_argument("--window", type=float, default=12.0)
     p.add_argument("--trace-chunk", type=int, default=1024, help="prefill tokens per step")
     p.add_argument("--budget", type=float, default=540.0, help="seconds for the whole run")
     p.add_argument("--skip", default="", help="sections to skip: hf,trace,profile")
@@ -520,7 +555,8 @@ def main() -> int:
             with report.section(f"{name}/trace_replay", 60) as out:
                 with torch.inference_mode():
                     n = h.stepper.graphs.warm_up(range(1, 129), 4096)
-                out["graphs_captured_at_start"] = n
+                out.update(graphs_captured_at_start=n, compiled=h.stepper.graphs.compiled,
+                           capture_s=round(h.stepper.graphs.capture_s, 1))
                 trace_replay(h, [float(x) for x in a.rates.split(",")], a.window, out, report,
                              max_prompt=3072, max_new=1000, prefill_chunk=a.trace_chunk)
             del h
@@ -543,7 +579,8 @@ def summary(data: dict[str, Any]) -> None:
     s = data["sections"]
     print("\n=== summary ===")
     print(f"copy bandwidth: {s.get('copy_bandwidth', {}).get('gb_s')} GB/s; "
-          f"parity: {s.get('parity', {}).get('fp32_greedy_equal')}")
+          f"parity: {s.get('parity', {}).get('fp32_greedy_equal')} "
+          f"(compiled {s.get('parity', {}).get('compiled')})")
     for name in SHAPES:
         d = s.get(f"{name}/decode_batch1", {})
         t = s.get(f"{name}/engine_throughput", {})

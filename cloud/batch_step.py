@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cloud.decode_graphs import DecodeGraphs
 from model.sampling import sample
@@ -24,6 +25,14 @@ from model.transformer import KVCache, Transformer
 class DecodeConfig:
     # Capture the decode step as CUDA graphs (CUDA only; CPU always runs it eagerly).
     cuda_graphs: bool = True
+    # Compile the captured step with torch.compile, fusing its elementwise kernels (with
+    # cuda_graphs only). Costs one compile per model for batch 1 and one for larger batches
+    # (tens of seconds each, at the first use of such a bucket, or in DecodeGraphs.warm_up).
+    compile: bool = True
+    # Let prefill attention use cuDNN. Off: cuDNN builds a plan for every new prompt-chunk
+    # shape (~100 us of CPU per call even when cached, stalls of up to a second when not);
+    # the memory-efficient kernel takes the same masks without either.
+    prefill_cudnn_attention: bool = False
     # Smallest kv-length bucket: attention reads at least this many cache positions.
     min_kv_bucket: int = 128
     # One q/k/v and one gate/up matrix per layer: fewer, larger matrix products.
@@ -54,8 +63,12 @@ class BatchStepper:
         self.device = cache.k.device
         self.graphs = DecodeGraphs(
             model, cache, max_batch=cache.n_slots, min_kv_bucket=config.min_kv_bucket,
-            use_graphs=config.cuda_graphs,
+            use_graphs=config.cuda_graphs, use_compile=config.compile,
         )
+        backends = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+        if config.prefill_cudnn_attention:
+            backends.insert(0, SDPBackend.CUDNN_ATTENTION)
+        self.prefill_backends = backends
 
     def step(self, prefill: Sequence[Row], decode: Sequence[Row]) -> list[int]:
         """Next token of every row with ``sample`` set: prefill rows first, then decode rows.
@@ -86,14 +99,15 @@ class BatchStepper:
         # Right padding: pad tokens are written past each row's end (clamped into the cache)
         # and masked out; the row's own later tokens overwrite them before anyone reads them.
         positions = [[min(r.start + t, last) for t in range(width)] for r in rows]
-        logits = self.model(
-            torch.tensor(tokens).to(self.device, non_blocking=True),
-            torch.tensor(positions).to(self.device, non_blocking=True),
-            self.cache,
-            torch.tensor([r.slot for r in rows]).to(self.device, non_blocking=True),
-            kv_len=max(r.start + len(r.tokens) for r in rows),
-            logit_index=torch.tensor([len(r.tokens) - 1 for r in rows]).to(self.device),
-        )  # (n, V)
+        with sdpa_kernel(self.prefill_backends):
+            logits = self.model(
+                torch.tensor(tokens).to(self.device, non_blocking=True),
+                torch.tensor(positions).to(self.device, non_blocking=True),
+                self.cache,
+                torch.tensor([r.slot for r in rows]).to(self.device, non_blocking=True),
+                kv_len=max(r.start + len(r.tokens) for r in rows),
+                logit_index=torch.tensor([len(r.tokens) - 1 for r in rows]).to(self.device),
+            )  # (n, V)
         chosen = [i for i, r in enumerate(rows) if r.sample]
         if not chosen:
             return torch.empty(0, dtype=torch.long, device=self.device)

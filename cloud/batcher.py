@@ -3,9 +3,10 @@
 The loop the cloud engine runs between its own bookkeeping (cancellation, deadlines, text),
 kept free of requests and text so that benchmarks drive exactly this code with token ids.
 Each ``step``: waiting sequences take free slots (the scheduler decides who), prompts are
-prefilled in chunks of at most ``max_prefill_tokens`` per step in admission order, so a long
-prompt never stalls the running decodes for more than one chunk, and every sequence that has
-a token decodes one more. One host synchronisation per step (``BatchStepper.step``).
+prefilled in chunks of at most ``max_prefill_tokens`` per step, padding included, in admission
+order, so a long prompt never stalls the running decodes for more than one chunk, and every
+sequence that has a token decodes one more. One host synchronisation per step
+(``BatchStepper.step``).
 """
 
 from __future__ import annotations
@@ -100,15 +101,21 @@ class ContinuousBatcher(Generic[S]):
         budget = self.scheduler.config.max_prefill_tokens
         rows: list[Row] = []
         completing: list[S] = []
+        width = 0  # the longest chunk so far
         for seq in self._prefilling:
-            if budget <= 0:
-                break
             if seq.done:
                 continue
-            end = min(len(seq.prompt_ids), seq.prefilled + budget)
+            # The chunks run as one right-padded (rows x width) forward, so the budget counts
+            # the padding too: n rows may hold at most budget // n tokens each. Counting only
+            # real tokens let one long chunk next to a few short ones cost several budgets
+            # (the per-token p99 of the trace replay).
+            cap = budget // (len(rows) + 1)
+            if cap <= 0 or width > cap:
+                break
+            end = min(len(seq.prompt_ids), seq.prefilled + cap)
             last = end == len(seq.prompt_ids)
             rows.append(self._row(seq, seq.prompt_ids[seq.prefilled : end], seq.prefilled, last))
-            budget -= end - seq.prefilled
+            width = max(width, end - seq.prefilled)
             seq.prefilled = end
             if last:
                 completing.append(seq)

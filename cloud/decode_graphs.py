@@ -9,7 +9,10 @@ buckets (powers of two and halfway points between them), so a handful of graphs 
 batch. Rows of the bucket that hold no decoding sequence are padding: they write their own
 slot's last cache position, which no sequence reads before writing it itself (see ``PAD``).
 
-On CPU, or with graphs switched off, the same function runs eagerly: one code path.
+On CUDA the captured function is the step with its layers compiled by TorchInductor
+(cloud/compiled_step.py), which fuses its elementwise kernels; if compiling fails, the eager
+step is captured instead and ``compile_error`` says why. On CPU, or with graphs switched off,
+the same function runs eagerly: one code path.
 References: gpt-fast generate.py (static cache, compiled decode step), vLLM's CUDA graph
 runner (batch-size buckets, padded rows).
 """
@@ -18,11 +21,13 @@ from __future__ import annotations
 
 import bisect
 import logging
+import time
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
 
+from cloud.compiled_step import CompiledDecodeStep, decode_step
 from model.transformer import KVCache, Transformer
 
 log = logging.getLogger(__name__)
@@ -60,12 +65,20 @@ class DecodeGraphs:
         max_batch: int,
         min_kv_bucket: int,
         use_graphs: bool,
+        use_compile: bool = False,
     ) -> None:
         self.model, self.cache = model, cache
         self.device = cache.k.device
         self.batch_buckets = buckets(max_batch, 1)
         self.kv_buckets = buckets(cache.max_len, min_kv_bucket)
         self.use_graphs = use_graphs and self.device.type == "cuda"
+        # Compiled only where captured: the compiler's Python guards on every eager call
+        # would cost about what fusing saves.
+        self._step = CompiledDecodeStep(cache) if use_compile and self.use_graphs else decode_step
+        self.compile_error: str | None = None
+        self.capture_s = 0.0  # spent capturing graphs, compiling included
+        # The kv length reaches the step as this tensor's length (see decode_step).
+        self._kv_positions = torch.arange(cache.max_len, device=self.device)
         # Padding rows write here: a sequence's last position is at most max_len - 2 (the
         # context check leaves room for one generated token), so no owner ever reads it.
         self.pad_position = cache.max_len - 1
@@ -80,6 +93,10 @@ class DecodeGraphs:
     @property
     def captured(self) -> list[tuple[int, int]]:
         return sorted(self._graphs)
+
+    @property
+    def compiled(self) -> bool:
+        return isinstance(self._step, CompiledDecodeStep)
 
     def bucket(self, n_rows: int, kv_len: int) -> tuple[int, int]:
         return round_up(self.batch_buckets, n_rows), round_up(self.kv_buckets, kv_len)
@@ -128,16 +145,26 @@ class DecodeGraphs:
 
     def _forward(self, B: int, L: int) -> tuple[Tensor, Tensor]:
         tokens, positions = self._inputs[0, :B, None], self._inputs[1, :B, None]  # (B, 1)
-        logits = self.model(tokens, positions, self.cache, None, kv_len=L)[:, -1].float()
-        return logits, logits.argmax(dim=-1)
+        return self._step(self.model, self.cache, tokens, positions, self._kv_positions[:L])
 
     def _capture(self, B: int, L: int) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor]:
         # Warm up outside the graph first (cuBLAS handles and workspaces are created lazily).
         # The warm-up writes the same keys and values the replay writes next: harmless.
+        # A new compile (first B == 1 or B >= 2 bucket) happens in this warm-up run too.
+        start = time.monotonic()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            self._forward(B, L)
+            try:
+                self._forward(B, L)
+            except Exception as e:  # compiler failure: serve with the eager step, loudly
+                if not self.compiled:
+                    raise
+                self.compile_error = f"{type(e).__name__}: {e}"[:2000]
+                log.warning("compiling the decode step failed, capturing it eagerly: %s",
+                            self.compile_error)
+                self._step = decode_step
+                self._forward(B, L)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # One memory pool for every graph: their intermediates are never live at once.
@@ -145,6 +172,7 @@ class DecodeGraphs:
             logits, greedy = self._forward(B, L)
         self._pool = graph.pool()
         self._graphs[(B, L)] = (graph, logits, greedy)
+        self.capture_s += time.monotonic() - start
         log.info("captured the decode step for batch %d, kv length %d (%d graphs)",
                  B, L, len(self._graphs))
         return graph, logits, greedy

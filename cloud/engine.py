@@ -216,6 +216,14 @@ class CloudEngine:
 
     def _run(self) -> None:
         with torch.inference_mode():
+            if self.device.type == "cuda":
+                # Capture (and compile) the batch-1 and batch-2 decode steps before serving:
+                # a compile at the first request would stall it for tens of seconds. Requests
+                # that arrive meanwhile wait in the queue.
+                try:
+                    self.batcher.stepper.graphs.warm_up([1, 2], self.max_context)
+                except Exception:
+                    log.exception("decode-step warm-up failed; buckets are captured on use")
             while not self._stopping:
                 if self.scheduler.idle and not self._jobs:
                     self.scheduler.wakeup.wait(timeout=0.1)

@@ -24,6 +24,7 @@ gpt-fast model.py, Hugging Face modeling_llama.py.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -145,7 +146,7 @@ class Attention(nn.Module):
         x: Tensor,
         cos: Tensor,
         sin: Tensor,
-        cache: tuple[Tensor, Tensor] | None,
+        cache: tuple[Tensor, Tensor, int, Tensor] | None,
         input_pos: Tensor,
         slots: Tensor | None,
         mask: Tensor | None,
@@ -162,13 +163,19 @@ class Attention(nn.Module):
             ).transpose(1, 2)  # (B, T, nh, hd)
             return self.o_proj(y.reshape(B, T, nh * hd))
 
-        k_cache, v_cache = cache  # (n_slots, nkv, max_len, hd)
+        # The whole cache (n_layers, n_slots, nkv, max_len, hd), this layer's index as an int
+        # and as a (1,) tensor (a 0-d one would index like an int).
+        k_all, v_all, layer, layer_id = cache
+        k_cache, v_cache = k_all[layer], v_all[layer]  # (n_slots, nkv, max_len, hd)
         L = mask.shape[-1]
         rows = slots if slots is not None else torch.arange(B, device=x.device)
-        # Advanced indices around a slice put the indexed dims first: (B, T, nkv, hd).
+        # Advanced indices around a slice put the indexed dims first: (B, T, nkv, hd). The
+        # write indexes the whole cache, not this layer's view of it: torch.compile turns an
+        # in-place write through a view of an input into a copy of the whole cache per layer,
+        # but a write into the input itself stays in place.
         idx = rows[:, None].expand(B, T)
-        k_cache[idx, :, input_pos] = k.to(k_cache.dtype)
-        v_cache[idx, :, input_pos] = v.to(v_cache.dtype)
+        k_all[layer_id, idx, :, input_pos] = k.to(k_all.dtype)
+        v_all[layer_id, idx, :, input_pos] = v.to(v_all.dtype)
         if slots is None:
             # Row b owns slot b (the decode step): a view, no gather of the whole cache.
             keys, values = k_cache[:B, :, :L], v_cache[:B, :, :L]  # (B, nkv, L, hd)
@@ -288,6 +295,7 @@ class Transformer(nn.Module):
         *,
         kv_len: int | None = None,
         logit_index: Tensor | None = None,
+        layer_call: Callable[..., Tensor] | None = None,
     ) -> Tensor:
         """Logits for ``tokens`` (B, T).
 
@@ -296,6 +304,8 @@ class Transformer(nn.Module):
         b) and attention reads that slot's first ``kv_len`` entries (default all).
         ``logit_index`` (B,) picks one position per row and returns (B, V) instead of
         (B, T, V), which saves the vocabulary projection of every prompt token in prefill.
+        ``layer_call(layer, *args)``, if given, runs each decoder layer instead of
+        ``layer(*args)`` (the cloud engine passes a compiled one).
         """
         B, T = tokens.shape
         if input_pos is None:
@@ -313,9 +323,11 @@ class Transformer(nn.Module):
             visible = torch.arange(L, device=x.device)[None, None, :] <= input_pos[:, :, None]
             mask = torch.zeros(visible.shape, dtype=x.dtype, device=x.device)
             mask = mask.masked_fill(~visible, float("-inf"))[:, None]  # (B, 1, T, L)
+        layer_ids = torch.arange(len(self.model.layers), device=x.device)
         for i, layer in enumerate(self.model.layers):
-            layer_cache = (cache.k[i], cache.v[i]) if cache is not None else None
-            x = layer(x, cos, sin, layer_cache, input_pos, slots, mask)
+            layer_cache = (cache.k, cache.v, i, layer_ids[i : i + 1]) if cache is not None else None
+            args = (x, cos, sin, layer_cache, input_pos, slots, mask)
+            x = layer(*args) if layer_call is None else layer_call(layer, *args)
         if logit_index is not None:
             x = x[torch.arange(B, device=x.device), logit_index][:, None]
         logits = self.lm_head(self.model.norm(x))

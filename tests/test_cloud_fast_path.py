@@ -103,3 +103,48 @@ def test_fast_path_greedy_equals_reference(reference: Transformer, fuse: bool) -
     for prompt, n, ids in zip(prompts, max_new, got, strict=True):
         ref = list(generate_tokens(reference, prompt, n))
         assert ids == ref, f"prompt of {len(prompt)} tokens"
+
+
+class _RecordingStepper:
+    """Stands in for BatchStepper: records each step's prefill rows, answers token 0."""
+
+    device = torch.device("cpu")
+
+    def __init__(self) -> None:
+        self.prefills: list[list[tuple[int, list[int], int]]] = []
+
+    def step(self, prefill: list, decode: list) -> list[int]:
+        self.prefills.append([(r.slot, list(r.tokens), r.start) for r in prefill])
+        return [0] * (sum(r.sample for r in prefill) + len(decode))
+
+
+def test_prefill_budget_counts_padding() -> None:
+    """A step's chunks, right-padded to the longest, never exceed max_prefill_tokens."""
+    budget = 16
+    stepper = _RecordingStepper()
+    scheduler: Scheduler[TokenSequence] = Scheduler(
+        SchedulerConfig(slots=8, max_queue=64, max_prefill_tokens=budget),
+        cost=lambda s: len(s.prompt_ids),
+    )
+    batcher = ContinuousBatcher(stepper, scheduler, lambda s, t, now: len(s.generated) >= 2)
+    lengths = [30, 5, 3, 20, 1, 7, 2, 16]
+    seqs = [TokenSequence(prompt_ids=list(range(100 * i, 100 * i + n)))
+            for i, n in enumerate(lengths)]
+    for seq in seqs:
+        scheduler.submit(seq)
+    for _ in range(100):
+        if scheduler.idle:
+            break
+        batcher.step()
+    assert scheduler.idle and all(len(s.generated) == 2 for s in seqs)
+    seen: dict[int, list[int]] = {}  # prompt tokens prefilled, per prompt (slots are reused)
+    for rows in stepper.prefills:
+        if rows:
+            assert len(rows) * max(len(t) for _, t, _ in rows) <= budget
+        for _, tokens, start in rows:
+            owner = tokens[0] // 100
+            assert start == len(seen.setdefault(owner, []))  # chunks in order, none skipped
+            seen[owner] += tokens
+    assert [seen[i] for i in range(len(seqs))] == [s.prompt_ids for s in seqs]
+    # Several prompts shared a step when they fit: the budget is not one prompt per step.
+    assert any(len(rows) > 1 for rows in stepper.prefills)

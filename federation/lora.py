@@ -74,13 +74,17 @@ def lora_state(model: nn.Module) -> dict[str, Tensor]:
             if k.endswith((".lora_a", ".lora_b"))}
 
 
+def check_names(expected: set[str], got: set[str], what: str) -> None:
+    """Raise ValueError naming a few missing and unexpected tensor names, if any."""
+    if got != expected:
+        missing, unexpected = expected - got, got - expected
+        raise ValueError(f"{what} differ: missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]}")
+
+
 def load_lora_state(model: nn.Module, state: dict[str, Tensor]) -> None:
     """Set the adapters from ``state``; its names must be exactly the model's adapters."""
-    expected = set(lora_state(model))
-    if set(state) != expected:
-        missing, unexpected = expected - set(state), set(state) - expected
-        raise ValueError(f"adapter names differ: missing {sorted(missing)[:3]}, "
-                         f"unexpected {sorted(unexpected)[:3]}")
+    check_names(set(lora_state(model)), set(state), "adapter names")
     model.load_state_dict(state, strict=False)
 
 

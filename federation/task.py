@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load, save
 from torch import Tensor
 
-from federation.lora import add_lora, load_lora_state, lora_state
+from federation.lora import add_lora, check_names, load_lora_state, lora_state
 from federation.sitedata import SiteData
 from model.checkpoint import CheckpointError, checkpoint_version, load_checkpoint
 from model.tokenizer import Tokenizer
@@ -145,11 +145,7 @@ def _stored_state(model: Transformer) -> dict[str, Tensor]:
 
 
 def _load_stored_state(model: Transformer, state: dict[str, Tensor]) -> None:
-    expected = set(_stored_state(model))
-    if set(state) != expected:
-        missing, unexpected = expected - set(state), set(state) - expected
-        raise ValueError(f"weights don't match the model: missing {sorted(missing)[:3]}, "
-                         f"unexpected {sorted(unexpected)[:3]}")
+    check_names(set(_stored_state(model)), set(state), "weight names")
     model.load_state_dict(state, strict=False)
     model.tie_weights()
     model.reset_rope(torch.device("cpu"))

@@ -4,12 +4,11 @@ promtool accepts the rules, their unit tests and every dashboard query."""
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
+from promtool_cli import promtool
 from test_deploy_monitoring import BUILTIN_SERIES, series_names
 
 from cloud.autoscale.metrics import DESIRED, exported_autoscale_names
@@ -69,14 +68,6 @@ def test_prometheus_loads_the_rules_and_scrapes_the_autoscaler() -> None:
     [job] = [j for j in config["scrape_configs"] if j["job_name"] == "tandem-autoscaler"]
     targets = [t for c in job["static_configs"] for t in c["targets"]]
     assert all(t.endswith(f":{autoscale_cmd.METRICS_PORT}") for t in targets)
-
-
-def promtool(*args: str, cwd: Path = PROMETHEUS) -> None:
-    exe = shutil.which("promtool")
-    if exe is None:
-        pytest.skip("promtool is not installed (Debian: apt-get install -y prometheus)")
-    run = subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, f"promtool {' '.join(args)}:\n{run.stdout}{run.stderr}"
 
 
 def test_promtool_checks_the_rules() -> None:

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
+from promtool_cli import promtool
 
 from tandem.serving.metrics import exported_metric_names
 
@@ -95,14 +94,6 @@ def test_exported_metric_names() -> None:
             "tandem_router_backend_up", "tandem_model_info", "tandem_gpu_utilization_ratio",
             "tandem_router_cache_hits_total", "tandem_process_cpu_seconds_total"} <= names
     assert all(n.startswith("tandem_") for n in names)
-
-
-def promtool(*args: str, cwd: Path = PROMETHEUS) -> None:
-    exe = shutil.which("promtool")
-    if exe is None:
-        pytest.skip("promtool is not installed (Debian: apt-get install -y prometheus)")
-    run = subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, f"promtool {' '.join(args)}:\n{run.stdout}{run.stderr}"
 
 
 def test_promtool_checks_alert_rules() -> None:

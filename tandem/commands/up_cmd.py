@@ -12,6 +12,7 @@ data. Ctrl-C drains and stops everything, the router first.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import signal
 import sys
@@ -133,10 +134,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         procs.append(process)
         return process.start()
 
+    # Federated learning needs Flower (the `federation` extra); without it the fleet runs
+    # and serves all the same.
+    federated = importlib.util.find_spec("flwr") is not None
     superlink = f"127.0.0.1:{free_port()}"
+    fed_flags = ("--superlink-port", superlink.rsplit(":", 1)[1]) if federated else ()
     control = server("control", "cloud", "control", "serve", "--data-dir", str(control_dir),
-                     "--heartbeat-interval", "2", "--superlink-port",
-                     superlink.rsplit(":", 1)[1], "--rollout-min-requests", "20",
+                     "--heartbeat-interval", "2", *fed_flags, "--rollout-min-requests", "20",
                      "--rollout-min-duration", "60s", "--rollout-window", "5m")
     cloud = server("cloud", "cloud", "serve", "--device", args.device)
     router_port = args.port
@@ -163,10 +167,11 @@ def cmd_up(args: argparse.Namespace) -> int:
             site = sites / node.node_id
             _cli("fed", "site", "--family", SITE_FAMILIES[(i - 1) % len(SITE_FAMILIES)],
                  "--data-path", str(site))
+            node_fed = ("--superlink", superlink, "--fed-data", str(site),
+                        "--fed-port", "0") if federated else ()
             edges.append(start(server(
                 f"edge-{i}", "edge", "run", "--data-dir", str(node_dir), "--threads", "1",
-                "--heartbeat", "2", "--superlink", superlink, "--fed-data", str(site),
-                "--fed-port", "0", port=port)))
+                "--heartbeat", "2", *node_fed, port=port)))
         router_token = _token(_cli("cloud", "token", "create", "--router", *data), "router")
         router_argv = ["router", "serve", "--host", args.host, "--backend", cloud.address or "",
                        "--control", control.address or "", "--discovery-interval", "2",
@@ -179,7 +184,9 @@ def cmd_up(args: argparse.Namespace) -> int:
                               env={"TANDEM_ROUTER_TOKEN": router_token}))
         router.wait_healthy(timeout_s=60)
         print(f"  redis    {redis_url}", flush=True)
-        print(f"  flower   SuperLink {superlink}", flush=True)
+        print(f"  flower   SuperLink {superlink}" if federated else
+              "  flower   not installed: no federated learning (pip install "
+              "'tandem[federation]')", flush=True)
         for p in procs:
             print(f"  {p.name:<8} {p.address}  metrics {p.metrics_url}  (log {p.log_path})",
                   flush=True)

@@ -12,6 +12,7 @@ needs.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,10 +30,11 @@ from flwr.compat.common.recorddict_compat import (
 )
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from federation.sitedata import read_site
+from federation.sitedata import SiteData, read_site
 from federation.task import (
     Exchange,
     LocalTraining,
+    SiteTokens,
     build_model,
     cached_package,
     exchanged_names,
@@ -44,6 +46,7 @@ from federation.task import (
     unpack,
 )
 from model.tokenizer import Tokenizer
+from model.transformer import Transformer
 
 app = ClientApp()
 
@@ -73,7 +76,20 @@ def _site_path(context: Context) -> Path:
     return Path(str(path))
 
 
-def _prepare(msg: Message, context: Context):  # type: ignore[no-untyped-def]
+@dataclass(frozen=True)
+class RoundInputs:
+    """What one message asks of this site, unpacked."""
+
+    site: SiteData
+    package: Path  # the cached model package (config, tokenizer, base weights)
+    exchange: Exchange
+    model: Transformer  # the round's global model, ready to train or evaluate
+    tokens: SiteTokens
+    config: dict[str, object]
+    legacy: bool  # the message came in Flower's legacy form (secure aggregation)
+
+
+def _prepare(msg: Message, context: Context) -> RoundInputs:
     """The site's data, the round's model, tokens and config from a message (either form)."""
     content = msg.content
     legacy = "fitins.config" in content or "evaluateins.config" in content
@@ -100,13 +116,15 @@ def _prepare(msg: Message, context: Context):  # type: ignore[no-untyped-def]
     model = build_model(package, exchange, weights)
     site = read_site(site_path)
     tokens = tokenize_site(site, Tokenizer.from_dir(package), int(config["escalation-repeat"]))
-    return site, package, exchange, model, tokens, config, legacy
+    return RoundInputs(site, package, exchange, model, tokens, config, legacy)
 
 
 @app.train(mods=[secagg_when_asked, clip_when_asked])
 def train(msg: Message, context: Context) -> Message:
     """A few local steps from the round's global model; the new weights and the loss."""
-    site, _, exchange, model, tokens, config, legacy = _prepare(msg, context)
+    inputs = _prepare(msg, context)
+    site, exchange, model, tokens, config = (inputs.site, inputs.exchange, inputs.model,
+                                             inputs.tokens, inputs.config)
     cfg = LocalTraining(int(config["local-steps"]), int(config["batch-size"]),
                         int(config["seq-len"]), float(config["lr"]),
                         float(config.get("proximal-mu", 0.0)),
@@ -119,7 +137,7 @@ def train(msg: Message, context: Context) -> Message:
         "escalations": tokens.escalations,
     }
     site_record = ConfigRecord({"name": site.name})
-    if legacy:
+    if inputs.legacy:
         state = exchanged_state(model, exchange)
         fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(
             [state[n].numpy() for n in state]), 1, metrics)  # 1: sites weigh the same
@@ -136,13 +154,14 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """The round's global model on the site's held-out documents."""
-    site, package, _, model, tokens, config, legacy = _prepare(msg, context)
-    nll, n = heldout_loss(model, tokens.heldout, int(config["eval-seq-len"]))
-    threshold = prompt_loss_quantile(model, Tokenizer.from_dir(package), site.heldout,
+    inputs = _prepare(msg, context)
+    site, model, config = inputs.site, inputs.model, inputs.config
+    nll, n = heldout_loss(model, inputs.tokens.heldout, int(config["eval-seq-len"]))
+    threshold = prompt_loss_quantile(model, Tokenizer.from_dir(inputs.package), site.heldout,
                                      float(config["calibration-quantile"]))
     metrics = {"num-examples": n, "eval-loss": nll, "eval-ppl": math.exp(nll),
                "difficulty-quantile": threshold}
-    if legacy:
+    if inputs.legacy:
         reply = evaluateres_to_recorddict(EvaluateRes(Status(Code.OK, ""), nll, n, metrics))
     else:
         reply = RecordDict({"metrics": MetricRecord(metrics)})

@@ -125,8 +125,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (RuntimeError, OSError) as e:  # the SuperLink refused or is unreachable
         print(f"tandem: error: {e}", file=sys.stderr)
         return 1
+    from model.checkpoint import checkpoint_version
+
     print(f"run {run_id} submitted to {cli.link.address}: {args.rounds} round(s) from "
-          f"{Path(config['base-checkpoint']).name}", flush=True)
+          f"{checkpoint_version(config['base-checkpoint'])}", flush=True)
     if args.detach:
         print(f"follow it with `tandem fed status {run_id}`")
         return 0

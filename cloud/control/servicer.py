@@ -17,7 +17,6 @@ from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from cloud.control.config import ControlConfig
 from cloud.control.datadir import ControlData
@@ -26,7 +25,7 @@ from cloud.control.records import NodeLoad, NodeRecord, NodeResources, VersionOu
 from model.manifest import ArtifactIntegrityError
 from protos.tandem.v1 import control_pb2 as pb
 from tandem.errors import DataLoss, InvalidRequest, PermissionDenied, TandemError, Unavailable
-from tandem.serving.grpc_server import Undecodable, abort
+from tandem.serving.grpc_server import Undecodable, abort, lenient
 
 log = logging.getLogger(__name__)
 
@@ -190,29 +189,18 @@ class ControlServicer:
         return pb.ListNodesResponse(nodes=[node_status(n, now, max_age_s) for n in nodes])
 
 
-def _lenient(message_cls: Any) -> Callable[[bytes], Any]:
-    # grpc answers an undecodable request with INTERNAL; a node deserves INVALID_ARGUMENT.
-    def parse(data: bytes) -> Any:
-        try:
-            return message_cls.FromString(data)
-        except DecodeError as e:
-            return Undecodable(str(e))
-
-    return parse
-
-
 def add_control_servicer(server: grpc.aio.Server, servicer: ControlServicer) -> None:
     """Register ``servicer`` as tandem.v1.Control with lenient request parsing."""
     ser = lambda m: m.SerializeToString()  # noqa: E731
     unary = grpc.unary_unary_rpc_method_handler
     handlers = {
-        "Enroll": unary(servicer.Enroll, _lenient(pb.EnrollRequest), ser),
-        "Heartbeat": unary(servicer.Heartbeat, _lenient(pb.HeartbeatRequest), ser),
-        "GetManifest": unary(servicer.GetManifest, _lenient(pb.GetManifestRequest), ser),
+        "Enroll": unary(servicer.Enroll, lenient(pb.EnrollRequest), ser),
+        "Heartbeat": unary(servicer.Heartbeat, lenient(pb.HeartbeatRequest), ser),
+        "GetManifest": unary(servicer.GetManifest, lenient(pb.GetManifestRequest), ser),
         "FetchArtifact": grpc.unary_stream_rpc_method_handler(
-            servicer.FetchArtifact, _lenient(pb.FetchArtifactRequest), ser),
-        "ReportOutcomes": unary(servicer.ReportOutcomes, _lenient(pb.OutcomeReport), ser),
-        "ListNodes": unary(servicer.ListNodes, _lenient(pb.ListNodesRequest), ser),
+            servicer.FetchArtifact, lenient(pb.FetchArtifactRequest), ser),
+        "ReportOutcomes": unary(servicer.ReportOutcomes, lenient(pb.OutcomeReport), ser),
+        "ListNodes": unary(servicer.ListNodes, lenient(pb.ListNodesRequest), ser),
     }
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(CONTROL_SERVICE, handlers),))

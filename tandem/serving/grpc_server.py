@@ -63,8 +63,9 @@ class Undecodable:
     reason: str
 
 
-def _lenient(message_cls: Any) -> Callable[[bytes], Any]:
-    # grpc would answer an undecodable request with INTERNAL; we owe the user INVALID_ARGUMENT.
+def lenient(message_cls: Any) -> Callable[[bytes], Any]:
+    """A request deserializer that returns ``Undecodable`` instead of raising: grpc would
+    answer an undecodable request with INTERNAL; we owe the caller INVALID_ARGUMENT."""
     def parse(data: bytes) -> Any:
         try:
             return message_cls.FromString(data)
@@ -79,13 +80,13 @@ def add_inference_servicer(server: grpc.aio.Server, servicer: Any) -> None:
     ser = lambda m: m.SerializeToString()  # noqa: E731
     handlers = {
         "Generate": grpc.unary_unary_rpc_method_handler(
-            servicer.Generate, _lenient(pb.GenerateRequest), ser),
+            servicer.Generate, lenient(pb.GenerateRequest), ser),
         "GenerateStream": grpc.unary_stream_rpc_method_handler(
-            servicer.GenerateStream, _lenient(pb.GenerateRequest), ser),
+            servicer.GenerateStream, lenient(pb.GenerateRequest), ser),
         "Score": grpc.unary_unary_rpc_method_handler(
-            servicer.Score, _lenient(pb.ScoreRequest), ser),
+            servicer.Score, lenient(pb.ScoreRequest), ser),
         "Info": grpc.unary_unary_rpc_method_handler(
-            servicer.Info, _lenient(pb.InfoRequest), ser),
+            servicer.Info, lenient(pb.InfoRequest), ser),
     }
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(INFERENCE_SERVICE, handlers),)

@@ -44,6 +44,9 @@ class Autoscaler:
         self._models: tuple[Forecaster, Forecaster] | None = None
         self._fitted_at: int | None = None  # history length at the last fit
         self.decision: Decision | None = None
+        # Routers that failed their last scrape: an outage is logged when it starts and when
+        # it ends, not at every tick (the error counter counts every failure).
+        self._failing: set[str] = set()
         self.routers_scraped = 0
         self.scrape_errors = Counter("tandem_autoscale_scrape_errors_total", "Router scrapes "
                                      "that failed", registry=registry)
@@ -69,7 +72,15 @@ class Autoscaler:
                 out[url] = parse_router_metrics(self.fetch(url, self.config.scrape_timeout_s))
             except (OSError, ValueError) as e:
                 self.scrape_errors.inc()
-                log.warning("cannot scrape router metrics at %s: %s", url, e)
+                if url not in self._failing:
+                    self._failing.add(url)
+                    log.warning("cannot scrape router metrics at %s: %s (retrying every "
+                                "%g s; the last decision stands)", url, e,
+                                self.config.interval_s)
+            else:
+                if url in self._failing:
+                    self._failing.discard(url)
+                    log.info("router metrics at %s are back", url)
         return out
 
     def tick(self, now: float) -> Decision | None:

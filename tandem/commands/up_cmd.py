@@ -119,11 +119,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     redis_url = args.redis_url
     procs: list[ManagedProcess] = []
 
-    def server(name: str, *argv: str, port: int | None = None,
+    def server(name: str, *argv: str, port: int | None = None, enrolled: bool = False,
                env: dict[str, str] | None = None) -> ManagedProcess:
-        # An edge node listens where it enrolled (node.json); the others take --port.
-        listen = () if argv[:2] == ("edge", "run") else ("--port", str(port or free_port()))
-        port = port or int(listen[1])
+        # An enrolled edge node listens where it enrolled (node.json); the others take --port.
+        port = port or free_port()
+        listen = () if enrolled else ("--port", str(port))
         metrics = free_port()
         return ManagedProcess(
             name, tandem_argv(*argv, *listen, "--metrics-port", str(metrics)),
@@ -171,7 +171,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                         "--fed-port", "0") if federated else ()
             edges.append(start(server(
                 f"edge-{i}", "edge", "run", "--data-dir", str(node_dir), "--threads", "1",
-                "--heartbeat", "2", *node_fed, port=port)))
+                "--heartbeat", "2", *node_fed, port=port, enrolled=True)))
         router_token = _token(_cli("cloud", "token", "create", "--router", *data), "router")
         router_argv = ["router", "serve", "--host", args.host, "--backend", cloud.address or "",
                        "--control", control.address or "", "--discovery-interval", "2",

@@ -323,9 +323,12 @@ class Transformer(nn.Module):
             visible = torch.arange(L, device=x.device)[None, None, :] <= input_pos[:, :, None]
             mask = torch.zeros(visible.shape, dtype=x.dtype, device=x.device)
             mask = mask.masked_fill(~visible, float("-inf"))[:, None]  # (B, 1, T, L)
-        layer_ids = torch.arange(len(self.model.layers), device=x.device)
+        # Only a cached forward writes the cache, and needs each layer's index as a tensor.
+        layer_ids = torch.arange(len(self.model.layers), device=x.device) if cache is not None \
+            else None
         for i, layer in enumerate(self.model.layers):
-            layer_cache = (cache.k, cache.v, i, layer_ids[i : i + 1]) if cache is not None else None
+            layer_cache = (cache.k, cache.v, i, layer_ids[i : i + 1]) \
+                if cache is not None and layer_ids is not None else None
             args = (x, cos, sin, layer_cache, input_pos, slots, mask)
             x = layer(*args) if layer_call is None else layer_call(layer, *args)
         if logit_index is not None:

@@ -81,10 +81,10 @@ class RoundInputs:
     """What one message asks of this site, unpacked."""
 
     site: SiteData
-    package: Path  # the cached model package (config, tokenizer, base weights)
     exchange: Exchange
     model: Transformer  # the round's global model, ready to train or evaluate
     tokens: SiteTokens
+    tokenizer: Tokenizer
     config: dict[str, object]
     legacy: bool  # the message came in Flower's legacy form (secure aggregation)
 
@@ -115,8 +115,9 @@ def _prepare(msg: Message, context: Context) -> RoundInputs:
         weights = content["arrays"].to_torch_state_dict()
     model = build_model(package, exchange, weights)
     site = read_site(site_path)
-    tokens = tokenize_site(site, Tokenizer.from_dir(package), int(config["escalation-repeat"]))
-    return RoundInputs(site, package, exchange, model, tokens, config, legacy)
+    tokenizer = Tokenizer.from_dir(package)
+    tokens = tokenize_site(site, tokenizer, int(config["escalation-repeat"]))
+    return RoundInputs(site, exchange, model, tokens, tokenizer, config, legacy)
 
 
 @app.train(mods=[secagg_when_asked, clip_when_asked])
@@ -157,7 +158,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     inputs = _prepare(msg, context)
     site, model, config = inputs.site, inputs.model, inputs.config
     nll, n = heldout_loss(model, inputs.tokens.heldout, int(config["eval-seq-len"]))
-    threshold = prompt_loss_quantile(model, Tokenizer.from_dir(inputs.package), site.heldout,
+    threshold = prompt_loss_quantile(model, inputs.tokenizer, site.heldout,
                                      float(config["calibration-quantile"]))
     metrics = {"num-examples": n, "eval-loss": nll, "eval-ppl": math.exp(nll),
                "difficulty-quantile": threshold}

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from federation.task import EXCHANGES, Exchange, LocalTraining
+from federation.task import Exchange, LocalTraining
 
 STRATEGIES = ("fedavg", "fedprox")
 
@@ -130,5 +130,3 @@ class FedRunConfig:
             "calibration-quantile": self.calibration_quantile,
         }
 
-
-__all__ = ["EXCHANGES", "STRATEGIES", "FedRunConfig"]

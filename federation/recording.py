@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 STATUS_FILE = "status.json"
 # Where a message's config lives: the message API, then the legacy fit and evaluate forms.
 CONFIG_KEYS = ("config", "fitins.config", "evaluateins.config")
+# How often a round's replies are pulled (Flower's own loop waits 3 s between pulls).
+POLL_S = 1.0
 
 
 def record_bytes(content: RecordDict) -> int:
@@ -139,19 +141,37 @@ class RecordingGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
+        """Push, then pull replies until all are in or ``timeout`` passes (Flower's contract),
+        recording the exchange. Pushing here, not through the wrapped grid's
+        ``send_and_receive``, keeps each message id, so a reply the SuperLink writes for a
+        node it declared unavailable is charged to that node; and replies are polled every
+        second instead of every three."""
         out = [self._with_package(m) for m in messages]
         if not out:
             return []
         kind = out[0].metadata.message_type.split(".")[0]
         server_round = self._round_of(out[0])
-        sent = {m.metadata.dst_node_id: record_bytes(m.content) for m in out}
         start = time.perf_counter()
-        replies = list(self.grid.send_and_receive(out, timeout=timeout))
+        ids = list(self.grid.push_messages(out))
+        node_of = {i: m.metadata.dst_node_id for i, m in zip(ids, out, strict=True) if i}
+        sent = {m.metadata.dst_node_id: record_bytes(m.content) for m in out}
+        failures = [{"node": str(m.metadata.dst_node_id), "reason": "could not be pushed"}
+                    for i, m in zip(ids, out, strict=True) if not i]
+        replies: list[Message] = []
+        pending = set(node_of)
+        end = None if timeout is None else time.monotonic() + timeout
+        while pending:
+            got = list(self.grid.pull_messages(pending))
+            replies += got
+            pending -= {r.metadata.reply_to_message_id for r in got}
+            if not pending or (end is not None and time.monotonic() >= end):
+                break
+            time.sleep(POLL_S)
         seconds = time.perf_counter() - start
         nodes: dict[str, dict[str, Any]] = {}
-        failures = []
         for reply in replies:
-            node_id = reply.metadata.src_node_id
+            node_id = node_of.get(reply.metadata.reply_to_message_id,
+                                  reply.metadata.src_node_id)
             if reply.has_error():
                 failures.append({"node": str(node_id), "reason": reply.error.reason})
                 continue
@@ -169,9 +189,8 @@ class RecordingGrid(Grid):
             if site is not None:  # stages of secure aggregation answer without one
                 row["site"] = str(site["name"])
             nodes[str(node_id)] = row
-        answered = {r.metadata.src_node_id for r in replies}
-        failures += [{"node": str(n), "reason": f"no reply within {timeout:g} s"}
-                     for n in sent if n not in answered and timeout is not None]
+        failures += [{"node": str(node_of[i]), "reason": f"no reply within {timeout:g} s"}
+                     for i in pending]
         self.status.phase(server_round, kind, {
             "sampled": len(out), "answered": sum(1 for n in nodes.values() if "site" in n),
             "seconds": round(seconds, 2),

@@ -1,11 +1,11 @@
 """Forecaster backtest on real rate series, and a replay of reactive vs forecast scaling.
 
-1. Backtest: every model of cloud/autoscale/forecast.py on each series (rolling origin, refit
-   daily on the trailing 7 days, 3 days of warm-up; cloud/autoscale/backtest.py): MAPE and
+1. Backtest: every model of autoscale/forecast.py on each series (rolling origin, refit
+   daily on the trailing 7 days, 3 days of warm-up; autoscale/backtest.py): MAPE and
    peak-underprediction rate of the forecast 15 minutes ahead (the next whole step at or past
    15 min: 20 min on 10-minute data, 30 min on 30-minute data), median fit and update+predict
    time. The default model is chosen by ``choose_default``.
-2. Replay: one series through the replica policy with a fluid queue (cloud/autoscale/replay.py),
+2. Replay: one series through the replica policy with a fluid queue (autoscale/replay.py),
    reactive-only vs forecast scaling, same policy; the picture goes to
    benchmarks/autoscale_replay.png.
 
@@ -27,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cloud.autoscale.backtest import BacktestResult, backtest, choose_default
-from cloud.autoscale.forecast import COMPLEXITY, build_forecaster
-from cloud.autoscale.rate_series import RateSeries, load_nab, load_servegen, rates_dir
-from cloud.autoscale.recommender import DEFAULT_CAPACITY_RPS, ReplicaPolicy
-from cloud.autoscale.replay import ReplayConfig, ReplayTrace, forecast_maxima, replay
+from autoscale.backtest import BacktestResult, backtest, choose_default
+from autoscale.forecast import COMPLEXITY, build_forecaster
+from autoscale.rate_series import RateSeries, load_nab, load_servegen, rates_dir
+from autoscale.recommender import DEFAULT_CAPACITY_RPS, ReplicaPolicy
+from autoscale.replay import ReplayConfig, ReplayTrace, forecast_maxima, replay
 
 SERIES = ("servegen/m-large", "servegen/m-mid", "servegen/m-small", "nab/nyc_taxi",
           "nab/elb_request_count_8c0756", "nab/Twitter_volume_AAPL", "nab/Twitter_volume_AMZN")

@@ -43,6 +43,20 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from core import convert
+from core.engine_api import Chunk, ServedBy, Usage
+from core.errors import TandemError
+from core.grpc_server import (
+    INFERENCE_SERVICE,
+    ServerConfig,
+    abort,
+    add_inference_servicer,
+    build_server,
+    set_serving,
+)
+from core.launcher import ManagedProcess, free_port, stop_all, tandem_argv
+from core.redis_server import RedisServer
+from core.request import GenerationRequest
 from protos.tandem.v1 import inference_pb2 as pb
 from protos.tandem.v1 import inference_pb2_grpc as pb_grpc
 from router.auth import ApiKeyInterceptor
@@ -52,20 +66,6 @@ from router.config import RouterConfig
 from router.keys import KeyStore
 from router.policy import RoutingPolicy
 from router.servicer import RouterServicer
-from tandem.errors import TandemError
-from tandem.launcher import ManagedProcess, free_port, stop_all, tandem_argv
-from tandem.redis_server import RedisServer
-from tandem.request import GenerationRequest
-from tandem.serving import convert
-from tandem.serving.engine_api import Chunk, ServedBy, Usage
-from tandem.serving.grpc_server import (
-    INFERENCE_SERVICE,
-    ServerConfig,
-    abort,
-    add_inference_servicer,
-    build_server,
-    set_serving,
-)
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACE = Path(os.environ.get("TANDEM_TRACE_DIR", ROOT.parent / "shared" / "data" / "traces"

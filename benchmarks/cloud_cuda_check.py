@@ -9,9 +9,9 @@ import torch
 
 from cloud.engine import CloudEngine, CloudEngineConfig
 from cloud.scheduler import SchedulerConfig
+from core.request import Limits, validate
 from model.demo import DEMO_DIR
 from model.generate import generate_tokens
-from tandem.request import Limits, validate
 
 PROMPTS = ["The json module", "Return a new list", "socket.socket(family", "asyncio event loop"]
 

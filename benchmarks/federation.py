@@ -36,6 +36,7 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 
 import torch
 
+from core.launcher import free_port
 from federation.processes import (
     SuperLinkConfig,
     SuperNodeConfig,
@@ -49,7 +50,6 @@ from federation.task import LocalTraining, heldout_loss, tokenize_site, train_lo
 from model.checkpoint import load_checkpoint
 from model.demo import DEMO_DIR
 from model.tokenizer import Tokenizer
-from tandem.launcher import free_port
 
 log = logging.getLogger("benchmarks.federation")
 SITES = ("text", "numeric", "concurrency")

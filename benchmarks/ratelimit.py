@@ -25,9 +25,9 @@ from datetime import UTC, datetime
 
 import redis
 
+from core.launcher import free_port
+from core.redis_server import RedisServer
 from router.ratelimit import BucketLimit, RateLimitConfig, RateLimiter, redis_client
-from tandem.launcher import free_port
-from tandem.redis_server import RedisServer
 
 # Generous limits so most decisions admit (the write path); denials are cheaper (no write).
 LIMIT = BucketLimit(1_000_000, 100_000)

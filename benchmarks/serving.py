@@ -32,9 +32,9 @@ from pathlib import Path
 
 import grpc
 
+from core.launcher import ManagedProcess, free_port, stop_all, tandem_argv
 from protos.tandem.v1 import inference_pb2 as pb
 from protos.tandem.v1 import inference_pb2_grpc
-from tandem.launcher import ManagedProcess, free_port, stop_all, tandem_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACE_DIR = Path(

@@ -27,13 +27,7 @@ import torch
 from cloud.batch_step import BatchStepper, DecodeConfig
 from cloud.batcher import ContinuousBatcher, TokenSequence
 from cloud.scheduler import Scheduler, SchedulerConfig
-from model.checkpoint import checkpoint_version, load_checkpoint, read_metadata
-from model.generate import sequence_nll
-from model.textstream import TextStream
-from model.tokenizer import Tokenizer
-from tandem.errors import DeadlineExceeded, InvalidRequest, TandemError, Unavailable
-from tandem.request import GenerationRequest, Limits
-from tandem.serving.engine_api import (
+from core.engine_api import (
     Chunk,
     EngineInfo,
     EngineLoad,
@@ -43,6 +37,12 @@ from tandem.serving.engine_api import (
     Usage,
     merge_chunks,
 )
+from core.errors import DeadlineExceeded, InvalidRequest, TandemError, Unavailable
+from core.request import GenerationRequest, Limits
+from model.checkpoint import checkpoint_version, load_checkpoint, read_metadata
+from model.generate import sequence_nll
+from model.textstream import TextStream
+from model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class _Sequence(TokenSequence):
 
 
 class CloudEngine:
-    """Implements the Engine protocol of tandem/serving/engine_api.py with torch."""
+    """Implements the Engine protocol of core/engine_api.py with torch."""
 
     def __init__(self, config: CloudEngineConfig) -> None:
         self.config = config

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from tandem.errors import Overloaded, Unavailable
+from core.errors import Overloaded, Unavailable
 
 T = TypeVar("T")
 

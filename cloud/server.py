@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry
 
 from cloud.engine import CloudEngine, CloudEngineConfig
-from tandem.serving.engine_server import EngineServer, serve_until_signal, start_engine_server
-from tandem.serving.grpc_server import ServerConfig
-from tandem.serving.metrics import MetricsConfig
+from core.engine_server import EngineServer, serve_until_signal, start_engine_server
+from core.grpc_server import ServerConfig
+from core.metrics import MetricsConfig
 
 CloudServer = EngineServer
 

@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections import deque
 
-from tandem.errors import DeadlineExceeded, Overloaded, TandemError
+from core.errors import DeadlineExceeded, Overloaded, TandemError
 
 # Retry-after estimate before any request has finished, and the mean's window.
 _DEFAULT_REQUEST_S = 1.0

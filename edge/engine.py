@@ -1,4 +1,4 @@
-"""The edge node's engine: the Engine protocol (tandem/serving/engine_api.py) over an
+"""The edge node's engine: the Engine protocol (core/engine_api.py) over an
 onnxruntime-genai artifact on CPU.
 
 Admission control bounds the work: at most ``max_concurrency`` sequences decode and at most
@@ -26,27 +26,27 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge.admission import Admission
-from edge.outcomes import Tally, VersionOutcome
-from edge.runtime import EdgeRuntime
-from edge.sequence import EdgeSequence, LoadedModel, chunk_stream, decode_worker
-from model.manifest import CALIBRATION_FILE, Manifest, read_manifest
-from model.tokenizer import Tokenizer
-from tandem.errors import (
-    DeadlineExceeded,
-    InvalidRequest,
-    TandemError,
-    Unavailable,
-    WrongState,
-)
-from tandem.request import GenerationRequest, Limits
-from tandem.serving.engine_api import (
+from core.engine_api import (
     Chunk,
     EngineInfo,
     EngineLoad,
     ScoreResult,
     ServedBy,
 )
+from core.errors import (
+    DeadlineExceeded,
+    InvalidRequest,
+    TandemError,
+    Unavailable,
+    WrongState,
+)
+from core.request import GenerationRequest, Limits
+from edge.admission import Admission
+from edge.outcomes import Tally, VersionOutcome
+from edge.runtime import EdgeRuntime
+from edge.sequence import EdgeSequence, LoadedModel, chunk_stream, decode_worker
+from model.manifest import CALIBRATION_FILE, Manifest, read_manifest
+from model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from core.engine_api import Chunk, EngineInfo, Timings, Usage
+from core.errors import TandemError
+from core.request import GenerationRequest
 from edge.runtime import EdgeRuntime
 from model.textstream import TextStream
 from model.tokenizer import Tokenizer
-from tandem.errors import TandemError
-from tandem.request import GenerationRequest
-from tandem.serving.engine_api import Chunk, EngineInfo, Timings, Usage
 
 log = logging.getLogger(__name__)
 

@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
 
+from core.engine_server import EngineServer, serve_until_signal, start_engine_server
+from core.grpc_server import ServerConfig
+from core.metrics import MetricsConfig
 from edge.engine import EdgeEngine, EdgeEngineConfig
-from tandem.serving.engine_server import EngineServer, serve_until_signal, start_engine_server
-from tandem.serving.grpc_server import ServerConfig
-from tandem.serving.metrics import MetricsConfig
 
 EdgeServer = EngineServer
 

@@ -90,12 +90,12 @@ def publish_candidate(checkpoint: Path, control_dir: Path, out_dir: Path, *,
                       quantization: str, comparison: Comparison, run_id: int,
                       canary_fraction: float = 0.0) -> dict[str, Any]:
     """Export, publish and canary ``checkpoint``; what was done, for the run's status."""
-    from cloud.control.datadir import ControlData
-    from cloud.control.publish import publish_model
-    from cloud.control.rollout import RolloutConfig, RolloutController
+    from control.datadir import ControlData
+    from control.publish import publish_model
+    from control.rollout import RolloutConfig, RolloutController
+    from core.errors import TandemError
     from model.checkpoint import checkpoint_version
     from model.export import export_edge_artifact
-    from tandem.errors import TandemError
 
     base_version = checkpoint_version(checkpoint)
     kept = checkpoint_home(control_dir) / base_version

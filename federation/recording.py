@@ -19,7 +19,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from tandem.durable import write_atomic
+from core.durable import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tandem.durable import write_atomic
+from core.durable import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -18,13 +18,13 @@ import torch
 from safetensors.torch import load, save
 from torch import Tensor
 
+from core.durable import write_atomic
 from federation.lora import add_lora, check_names, load_lora_state, lora_state
 from federation.sitedata import SiteData
 from model.checkpoint import CheckpointError, checkpoint_version, load_checkpoint
 from model.tokenizer import Tokenizer
 from model.train import TrainConfig, TrainResult, evaluate_nll, pack_documents, train
 from model.transformer import Transformer
-from tandem.durable import write_atomic
 
 log = logging.getLogger(__name__)
 

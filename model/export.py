@@ -19,6 +19,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from core.durable import fsync_dir
 from model.manifest import (
     CALIBRATION_FILE,
     QUANTIZATIONS,
@@ -26,7 +27,6 @@ from model.manifest import (
     build_manifest,
     write_manifest,
 )
-from tandem.durable import fsync_dir
 
 log = logging.getLogger(__name__)
 

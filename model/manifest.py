@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from tandem.durable import write_atomic
+from core.durable import write_atomic
 
 FORMAT = "onnxruntime-genai"
 FORMAT_VERSION = 1

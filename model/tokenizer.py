@@ -19,7 +19,7 @@ from typing import Any
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from tandem.durable import write_atomic
+from core.durable import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -18,12 +18,12 @@ from typing import Any
 
 import grpc
 
+from core import convert
+from core.auth import API_KEY_HEADER
+from core.errors import PermissionDenied, TandemError
+from core.grpc_server import abort
 from protos.tandem.v1 import inference_pb2 as pb
 from router.keys import CURRENT_KEY, AuthConfig, KeyRecord, KeyStore
-from tandem.client import API_KEY_HEADER
-from tandem.errors import PermissionDenied, TandemError
-from tandem.serving import convert
-from tandem.serving.grpc_server import abort
 
 log = logging.getLogger(__name__)
 

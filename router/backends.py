@@ -19,15 +19,15 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from core import convert
+from core.engine_api import EngineInfo
+from core.engine_servicer import IN_FLIGHT_KEY, QUEUE_CAPACITY_KEY, QUEUE_DEPTH_KEY, SLOTS_KEY
+from core.grpc_server import INFERENCE_SERVICE, RETRY_AFTER_KEY
 from protos.tandem.v1 import inference_pb2 as pb
 from protos.tandem.v1 import inference_pb2_grpc as pb_grpc
 from router.circuit import CircuitBreaker, CircuitConfig
 from router.policy import CLOUD, TIERS, BackendSnapshot
 from router.stats import BackendStats, StatsConfig
-from tandem.serving import convert
-from tandem.serving.engine_api import EngineInfo
-from tandem.serving.grpc_server import INFERENCE_SERVICE, RETRY_AFTER_KEY
-from tandem.serving.servicer import IN_FLIGHT_KEY, QUEUE_CAPACITY_KEY, QUEUE_DEPTH_KEY, SLOTS_KEY
 
 log = logging.getLogger(__name__)
 

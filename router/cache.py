@@ -34,8 +34,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from tandem.request import GenerationRequest
-from tandem.serving.engine_api import FINISH_REASONS, Chunk, ServedBy, Usage
+from core.engine_api import FINISH_REASONS, Chunk, ServedBy, Usage
+from core.request import GenerationRequest
 
 log = logging.getLogger(__name__)
 

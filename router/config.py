@@ -6,12 +6,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.grpc_server import ServerConfig
+from core.request import Limits
 from router.backends import PoolConfig
 from router.discovery import DiscoveryConfig
 from router.frontdoor import FrontDoorConfig
 from router.policy import PolicyConfig
-from tandem.request import Limits
-from tandem.serving.grpc_server import ServerConfig
 
 # on_escalation(prompt, edge_answer, cloud_answer, edge_node_id): a cascade escalated (a
 # training example for that site's next federated round). May return an awaitable; errors are

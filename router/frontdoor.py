@@ -16,14 +16,14 @@ from pathlib import Path
 
 import grpc
 
+from core import convert
+from core.engine_api import Timings
+from core.request import GenerationRequest
 from protos.tandem.v1 import inference_pb2 as pb
 from router.auth import auth_interceptors
 from router.cache import CacheConfig, CachedAnswer, ResponseCache, cache_key, cacheable
 from router.keys import AuthConfig, KeyRecord, KeyStore
 from router.ratelimit import RateLimitConfig, RateLimiter, redis_client, request_cost
-from tandem.request import GenerationRequest
-from tandem.serving import convert
-from tandem.serving.engine_api import Timings
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, WatchError
 
-from tandem.errors import Unauthenticated, Unavailable
-from tandem.request import ROUTES
+from core.errors import Unauthenticated, Unavailable
+from core.request import ROUTES
 
 log = logging.getLogger(__name__)
 

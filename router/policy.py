@@ -19,8 +19,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.errors import Overloaded, Unavailable
 from router.circuit import CLOSED, OPEN
-from tandem.errors import Overloaded, Unavailable
 
 EDGE = "edge"
 CLOUD = "cloud"

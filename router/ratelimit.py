@@ -27,8 +27,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from core.errors import InvalidRequest, Overloaded, TandemError, Unavailable
 from router.circuit import CircuitBreaker, CircuitConfig
-from tandem.errors import InvalidRequest, Overloaded, TandemError, Unavailable
 
 log = logging.getLogger(__name__)
 

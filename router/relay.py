@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from core.errors import DeadlineExceeded, Overloaded, TandemError, Unavailable
 from protos.tandem.v1 import inference_pb2 as pb
 from router.backends import Backend
-from tandem.errors import DeadlineExceeded, Overloaded, TandemError, Unavailable
 
 FAILOVER_CODES = frozenset({
     grpc.StatusCode.UNAVAILABLE,

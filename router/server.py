@@ -18,14 +18,8 @@ import grpc
 from grpc_health.v1.health import aio as health_aio
 from prometheus_client import CollectorRegistry
 
-from router.backends import BackendPool
-from router.config import RouterConfig
-from router.discovery import NodeDiscovery, start_discovery
-from router.frontdoor import FrontDoor
-from router.policy import RoutingPolicy
-from router.servicer import RouterServicer
-from tandem.errors import Unavailable
-from tandem.serving.grpc_server import (
+from core.errors import Unavailable
+from core.grpc_server import (
     INFERENCE_SERVICE,
     add_inference_servicer,
     build_server,
@@ -34,7 +28,14 @@ from tandem.serving.grpc_server import (
     set_serving,
     wait_for_signal,
 )
-from tandem.serving.metrics import MetricsConfig, MetricsEndpoint, RouterMetrics, serve_metrics
+from core.metrics import MetricsConfig, MetricsEndpoint, serve_metrics
+from router.backends import BackendPool
+from router.config import RouterConfig
+from router.discovery import NodeDiscovery, start_discovery
+from router.frontdoor import FrontDoor
+from router.metrics import RouterMetrics
+from router.policy import RoutingPolicy
+from router.servicer import RouterServicer
 
 __all__ = ["RouterConfig", "RouterServer", "run_router", "start_router"]
 

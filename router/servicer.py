@@ -18,20 +18,21 @@ from typing import Any
 
 import grpc
 
+from core import convert
+from core.engine_servicer import IN_FLIGHT_KEY, QUEUE_DEPTH_KEY, SLOTS_KEY, parse_request
+from core.errors import InvalidRequest, TandemError, Unavailable
+from core.grpc_server import Undecodable, abort
+from core.metrics import RpcRecord
+from core.request import GenerationRequest
 from protos.tandem.v1 import inference_pb2 as pb
 from router.backends import Backend, BackendPool
 from router.cache import cacheable
 from router.config import RouterConfig
 from router.frontdoor import FrontDoor, cache_versions, replay
 from router.keys import current_key
+from router.metrics import RouterMetrics
 from router.policy import CLOUD, EDGE, BackendSnapshot, Decision, RequestView, RoutingPolicy
 from router.relay import RelayOutcome, RelayTimeouts, relay, score_on
-from tandem.errors import InvalidRequest, TandemError, Unavailable
-from tandem.request import GenerationRequest
-from tandem.serving import convert
-from tandem.serving.grpc_server import Undecodable, abort
-from tandem.serving.metrics import RouterMetrics, RpcRecord
-from tandem.serving.servicer import IN_FLIGHT_KEY, QUEUE_DEPTH_KEY, SLOTS_KEY, parse_request
 
 log = logging.getLogger(__name__)
 

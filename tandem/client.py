@@ -1,7 +1,7 @@
 """The Python SDK: ``tandem.Client`` (blocking) and ``tandem.AsyncClient`` (asyncio).
 
 Both talk to any Tandem endpoint — a router, the cloud tier or an edge node — since all speak
-``tandem.v1.Inference``. Errors come back as the typed exceptions of ``tandem.errors`` (an
+``tandem.v1.Inference``. Errors come back as the typed exceptions of ``core.errors`` (an
 ``Overloaded`` carries the server's retry-after hint), so callers never parse status codes.
 
     with tandem.Client("127.0.0.1:50050") as client:
@@ -18,13 +18,12 @@ from typing import Any
 
 import grpc
 
+from core import convert, errors
+from core.auth import API_KEY_HEADER
+from core.engine_api import ServedBy, Timings, Usage
 from protos.tandem.v1 import inference_pb2 as pb
 from protos.tandem.v1 import inference_pb2_grpc
-from tandem import errors
-from tandem.serving import convert
-from tandem.serving.engine_api import ServedBy, Timings, Usage
 
-API_KEY_HEADER = "x-api-key"
 _ERRORS: dict[grpc.StatusCode, type[errors.TandemError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidRequest,
     grpc.StatusCode.RESOURCE_EXHAUSTED: errors.Overloaded,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 
-from tandem.launcher import tandem_argv
+from core.launcher import tandem_argv
 
 
 def run_cli(*args: str, timeout_s: float = 120.0) -> str:

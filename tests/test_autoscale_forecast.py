@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from cloud.autoscale.backtest import (
+from autoscale.backtest import (
     BacktestResult,
     backtest,
     choose_default,
     mape,
     peak_underprediction,
 )
-from cloud.autoscale.forecast import DEFAULT_MODEL, MODELS, SeasonalNaive, build_forecaster
-from cloud.autoscale.rate_series import load_nab, load_servegen, rates_dir
+from autoscale.forecast import DEFAULT_MODEL, MODELS, SeasonalNaive, build_forecaster
+from autoscale.rate_series import load_nab, load_servegen, rates_dir
 
 SEASON = 48  # 30-minute steps: a small day keeps the LSTM's training tiny
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cloud.autoscale.recommender import Recommender, ReplicaPolicy, cloud_load, replicas_for
+from autoscale.recommender import Recommender, ReplicaPolicy, cloud_load, replicas_for
 
 POLICY = ReplicaPolicy(capacity_rps=45.0, headroom=0.2, min_replicas=2, max_replicas=10,
                        scale_down_cooloff_s=600.0)

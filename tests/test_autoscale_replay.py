@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cloud.autoscale.forecast import build_forecaster
-from cloud.autoscale.rate_series import load_servegen, rates_dir
-from cloud.autoscale.recommender import ReplicaPolicy, replicas_for
-from cloud.autoscale.replay import ReplayConfig, forecast_maxima, replay
+from autoscale.forecast import build_forecaster
+from autoscale.rate_series import load_servegen, rates_dir
+from autoscale.recommender import ReplicaPolicy, replicas_for
+from autoscale.replay import ReplayConfig, forecast_maxima, replay
 
 STEP_S = 300.0
 SEASON = 288  # a day of 5-minute steps

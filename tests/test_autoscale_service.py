@@ -18,14 +18,15 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from cloud.autoscale.autoscaler import Autoscaler
-from cloud.autoscale.config import AutoscaleConfig
-from cloud.autoscale.history import RateHistory
-from cloud.autoscale.metrics import DESIRED
-from cloud.autoscale.rates import EdgeShare, RateMeter, StepAccumulator
-from cloud.autoscale.recommender import ReplicaPolicy
-from cloud.autoscale.scrape import RouterCounters, expand_url, parse_router_metrics
-from tandem.serving.metrics import MetricsEndpoint, RouterMetrics, start_metrics_server
+from autoscale.autoscaler import Autoscaler
+from autoscale.config import AutoscaleConfig
+from autoscale.history import RateHistory
+from autoscale.metrics import DESIRED
+from autoscale.rates import EdgeShare, RateMeter, StepAccumulator
+from autoscale.recommender import ReplicaPolicy
+from autoscale.scrape import RouterCounters, expand_url, parse_router_metrics
+from core.metrics import MetricsEndpoint, start_metrics_server
+from router.metrics import RouterMetrics
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -15,10 +15,10 @@ from dataclasses import replace
 import pytest
 import redis.asyncio as aioredis
 
+from core.engine_api import Chunk, ServedBy, Timings, Usage
+from core.redis_server import RedisServer
+from core.request import GenerationRequest
 from router.cache import CacheConfig, CachedAnswer, ResponseCache, cache_key, cacheable
-from tandem.redis_server import RedisServer
-from tandem.request import GenerationRequest
-from tandem.serving.engine_api import Chunk, ServedBy, Timings, Usage
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -10,11 +10,11 @@ import pytest
 
 from cloud.engine import CloudEngine, CloudEngineConfig
 from cloud.scheduler import SchedulerConfig
+from core.engine_api import Chunk
+from core.errors import DeadlineExceeded, InvalidRequest, Overloaded, Unavailable
+from core.request import GenerationRequest, Limits, validate
 from model.demo import DEMO_DIR
 from model.generate import generate_tokens
-from tandem.errors import DeadlineExceeded, InvalidRequest, Overloaded, Unavailable
-from tandem.request import GenerationRequest, Limits, validate
-from tandem.serving.engine_api import Chunk
 
 PROMPTS = [
     "The json module",

@@ -11,10 +11,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cloud.engine import CloudEngineConfig
 from cloud.scheduler import SchedulerConfig
 from cloud.server import CloudServer, CloudServerConfig, start_cloud_server
+from core.grpc_server import ServerConfig
 from model.demo import DEMO_DIR
 from protos.tandem.v1 import inference_pb2 as pb
 from protos.tandem.v1 import inference_pb2_grpc
-from tandem.serving.grpc_server import ServerConfig
 
 
 @pytest.fixture

@@ -13,17 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from cloud.control.artifacts import ArtifactStore
-from cloud.control.datadir import KEY_NAME, ControlData
-from cloud.control.publish import publish_model
-from cloud.control.signing import SignatureError, SigningKey, public_key_id, verify_manifest
+from control.artifacts import ArtifactStore
+from control.datadir import KEY_NAME, ControlData
+from control.publish import publish_model
+from core.errors import DataLoss, InvalidRequest, NotFound, OutOfRange, WrongState
 from model.manifest import (
     ArtifactIntegrityError,
     Manifest,
     build_manifest,
     write_manifest,
 )
-from tandem.errors import DataLoss, InvalidRequest, NotFound, OutOfRange, WrongState
+from model.signing import SignatureError, SigningKey, public_key_id, verify_manifest
 
 
 def make_artifact(root: Path, version: str, files: dict[str, bytes]) -> Manifest:
@@ -170,7 +170,7 @@ def test_signature_verifies_and_any_flipped_byte_fails(tmp_path: Path) -> None:
 
 def test_signing_imports_neither_torch_nor_grpc() -> None:
     # An edge node verifies manifests with onnxruntime alone installed beside cryptography.
-    code = ("import sys, cloud.control.signing; "
+    code = ("import sys, model.signing; "
             "bad = [m for m in ('torch', 'grpc', 'sqlite3', 'onnxruntime') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

@@ -20,7 +20,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cloud.control.store import ControlStore
+from control.store import ControlStore
 from model.manifest import build_manifest, write_manifest
 from protos.tandem.v1 import control_pb2 as pb
 from protos.tandem.v1.control_pb2_grpc import ControlStub

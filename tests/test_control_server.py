@@ -16,11 +16,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cloud.control.config import ControlConfig
-from cloud.control.publish import publish_model
-from cloud.control.server import ControlServer, start_control_server
-from cloud.control.servicer import CONTROL_SERVICE
-from cloud.control.signing import SignatureError, public_key_id, verify_manifest
+from control.config import ControlConfig
+from control.publish import publish_model
+from control.server import ControlServer, start_control_server
+from control.servicer import CONTROL_SERVICE
+from core.grpc_server import ServerConfig
 from model.checkpoint import checkpoint_version
 from model.demo import DEMO_DIR
 from model.export import export_edge_artifact
@@ -31,9 +31,9 @@ from model.manifest import (
     read_manifest,
     verify_artifact,
 )
+from model.signing import SignatureError, public_key_id, verify_manifest
 from protos.tandem.v1 import control_pb2 as pb
 from protos.tandem.v1.control_pb2_grpc import ControlStub
-from tandem.serving.grpc_server import ServerConfig
 
 CHUNK = 64 * 1024
 ADDRESS = "127.0.0.1:50061"

@@ -16,10 +16,10 @@ import pytest
 if TYPE_CHECKING:
     from conftest import Clock
 
-from cloud.control.records import ModelVersion, NodeLoad, NodeResources, VersionOutcome
-from cloud.control.schema import SCHEMA_VERSION
-from cloud.control.store import ControlStore
-from tandem.errors import InvalidRequest, NotFound, Unauthenticated, WrongState
+from control.records import ModelVersion, NodeLoad, NodeResources, VersionOutcome
+from control.schema import SCHEMA_VERSION
+from control.store import ControlStore
+from core.errors import InvalidRequest, NotFound, Unauthenticated, WrongState
 
 ADDRESS = "10.0.0.7:50061"
 

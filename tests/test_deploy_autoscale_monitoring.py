@@ -11,9 +11,9 @@ import pytest
 from promtool_cli import promtool
 from test_deploy_monitoring import BUILTIN_SERIES, series_names
 
-from cloud.autoscale.metrics import DESIRED, exported_autoscale_names
+from autoscale.metrics import DESIRED, exported_autoscale_names
+from router.metrics import exported_metric_names
 from tandem.commands import autoscale_cmd
-from tandem.serving.metrics import exported_metric_names
 
 yaml = pytest.importorskip("yaml")
 

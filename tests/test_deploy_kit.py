@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from cloud.autoscale.metrics import DESIRED
+from autoscale.metrics import DESIRED
 from edge.agent import install
 from edge.agent.config import UNIT_NAME
 from tandem.cli import build_parser

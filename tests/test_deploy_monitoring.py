@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from promtool_cli import promtool
 
-from tandem.serving.metrics import exported_metric_names
+from router.metrics import exported_metric_names
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "tandem.json"

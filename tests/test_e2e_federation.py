@@ -34,11 +34,11 @@ import psutil
 import pytest
 from fleet_cli import run_cli, token_from
 
+from core.launcher import ManagedProcess, free_port, stop_all, tandem_argv
 from edge.agent.config import read_node_config
 from model.checkpoint import checkpoint_version
 from model.demo import DEMO_DIR
 from model.export import export_edge_artifact
-from tandem.launcher import ManagedProcess, free_port, stop_all, tandem_argv
 
 pytestmark = pytest.mark.slow
 

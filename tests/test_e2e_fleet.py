@@ -36,13 +36,13 @@ from typing import Any, TypeVar
 import pytest
 from fleet_cli import run_cli, token_from
 
+from core import errors
+from core.launcher import ManagedProcess, free_port, stop_all, tandem_argv
 from edge.agent.config import read_node_config
 from model.checkpoint import checkpoint_version
 from model.export import export_edge_artifact
 from model.manifest import build_manifest, read_manifest, write_manifest
-from tandem import errors
 from tandem.client import AsyncClient
-from tandem.launcher import ManagedProcess, free_port, stop_all, tandem_argv
 
 pytestmark = pytest.mark.slow
 

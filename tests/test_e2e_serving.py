@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from tandem import errors
+from core import errors
+from core.launcher import ManagedProcess, free_port, stop_all, tandem_argv
 from tandem.client import Client
 from tandem.commands.up_cmd import ensure_edge_artifact
-from tandem.launcher import ManagedProcess, free_port, stop_all, tandem_argv
 
 pytestmark = pytest.mark.slow
 

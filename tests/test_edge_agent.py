@@ -1,4 +1,4 @@
-"""The edge agent against a real control plane (``cloud.control.server`` on port 0, SQLite and
+"""The edge agent against a real control plane (``control.server`` on port 0, SQLite and
 artifact store in a temporary directory): install, re-install, resumable and verified downloads,
 and ``tandem edge run`` swapping models under load, as real processes where it matters.
 
@@ -24,9 +24,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cloud.control.config import ControlConfig
-from cloud.control.publish import publish_model
-from cloud.control.server import ControlServer, start_control_server
+from control.config import ControlConfig
+from control.publish import publish_model
+from control.server import ControlServer, start_control_server
+from core.grpc_server import ServerConfig
+from core.launcher import ManagedProcess, free_port, tandem_argv
 from edge.agent.client import ControlClient
 from edge.agent.config import UNIT_NAME, AgentConfig, read_node_config
 from edge.agent.download import ArtifactRejected, check_signed_manifest, download_version
@@ -39,8 +41,6 @@ from model.export import export_edge_artifact
 from model.manifest import build_manifest, read_manifest, verify_artifact, write_manifest
 from protos.tandem.v1 import inference_pb2 as pb
 from protos.tandem.v1.inference_pb2_grpc import InferenceStub
-from tandem.launcher import ManagedProcess, free_port, tandem_argv
-from tandem.serving.grpc_server import ServerConfig
 
 EDGE_CHECKPOINT = Path(__file__).parents[1] / "model" / "demo_pair" / "edge"
 V1, V2 = "agent-v1", "agent-v2"

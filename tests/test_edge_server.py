@@ -24,6 +24,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from core.engine_servicer import IN_FLIGHT_KEY, QUEUE_DEPTH_KEY
+from core.errors import DeadlineExceeded, Unavailable
+from core.grpc_server import INFERENCE_SERVICE, RETRY_AFTER_KEY, ServerConfig
+from core.request import GenerationRequest
 from edge.engine import EdgeEngine, EdgeEngineConfig
 from edge.runtime import EdgeRuntime
 from edge.server import EdgeServer, EdgeServerConfig, start_edge_server
@@ -34,10 +38,6 @@ from model.tokenizer import Tokenizer
 from protos.tandem.v1 import inference_pb2 as pb
 from protos.tandem.v1.inference_pb2_grpc import InferenceStub
 from tandem.commands import edge_cmd
-from tandem.errors import DeadlineExceeded, Unavailable
-from tandem.request import GenerationRequest
-from tandem.serving.grpc_server import INFERENCE_SERVICE, RETRY_AFTER_KEY, ServerConfig
-from tandem.serving.servicer import IN_FLIGHT_KEY, QUEUE_DEPTH_KEY
 
 EDGE_CHECKPOINT = Path(__file__).parents[1] / "model" / "demo_pair" / "edge"
 NODE_ID = "edge-test"

@@ -23,13 +23,13 @@ from typing import Any
 import grpc
 import pytest
 
+from core.grpc_server import ServerConfig
 from edge.engine import EdgeEngine, EdgeEngineConfig, SwapFailed
 from edge.server import EdgeServer, EdgeServerConfig, start_edge_server
 from model.checkpoint import checkpoint_version
 from model.export import export_edge_artifact
 from protos.tandem.v1 import inference_pb2 as pb
 from protos.tandem.v1.inference_pb2_grpc import InferenceStub
-from tandem.serving.grpc_server import ServerConfig
 
 EDGE_CHECKPOINT = Path(__file__).parents[1] / "model" / "demo_pair" / "edge"
 OLD, NEW = "swap-old-int4", "swap-new-int8"

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from core.launcher import free_port
 from federation.processes import (
     FlowerTls,
     SuperLinkConfig,
@@ -28,7 +29,6 @@ from federation.recording import STATUS_FILE
 from federation.runner import FlowerCli, LinkInfo
 from federation.sitedata import write_corpus_site
 from model.demo import DEMO_DIR
-from tandem.launcher import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -18,22 +18,22 @@ import pytest
 import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from protos.tandem.v1 import inference_pb2 as pb
-from protos.tandem.v1 import inference_pb2_grpc as pb_grpc
-from router.auth import ApiKeyInterceptor, auth_interceptors
-from router.keys import INDEX_KEY, KEY_TEMPLATE, AuthConfig, KeyStore, current_key
-from tandem.errors import Unauthenticated, Unavailable
-from tandem.redis_server import RedisServer
-from tandem.request import GenerationRequest, Limits
-from tandem.serving.engine_api import Chunk, EngineInfo, EngineLoad, ScoreResult, ServedBy, Usage
-from tandem.serving.grpc_server import (
+from core.engine_api import Chunk, EngineInfo, EngineLoad, ScoreResult, ServedBy, Usage
+from core.engine_servicer import EngineServicer
+from core.errors import Unauthenticated, Unavailable
+from core.grpc_server import (
     INFERENCE_SERVICE,
     ServerConfig,
     add_inference_servicer,
     build_server,
     set_serving,
 )
-from tandem.serving.servicer import EngineServicer
+from core.redis_server import RedisServer
+from core.request import GenerationRequest, Limits
+from protos.tandem.v1 import inference_pb2 as pb
+from protos.tandem.v1 import inference_pb2_grpc as pb_grpc
+from router.auth import ApiKeyInterceptor, auth_interceptors
+from router.keys import INDEX_KEY, KEY_TEMPLATE, AuthConfig, KeyStore, current_key
 
 pytestmark = pytest.mark.timeout(30)
 

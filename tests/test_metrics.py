@@ -17,27 +17,23 @@ from prometheus_client.parser import text_string_to_metric_families
 from cloud.engine import CloudEngineConfig
 from cloud.scheduler import SchedulerConfig
 from cloud.server import CloudServer, CloudServerConfig, start_cloud_server
-from model.demo import DEMO_DIR
-from protos.tandem.v1 import inference_pb2 as pb
-from protos.tandem.v1 import inference_pb2_grpc
-from router.config import RouterConfig
-from router.policy import BackendSnapshot
-from router.server import start_router
-from tandem.request import GenerationRequest, Limits
-from tandem.serving.engine_api import Chunk, EngineInfo, EngineLoad, ScoreResult, ServedBy
-from tandem.serving.grpc_server import (
+from core.engine_api import Chunk, EngineInfo, EngineLoad, ScoreResult, ServedBy
+from core.engine_servicer import EngineServicer
+from core.grpc_server import (
     INFERENCE_SERVICE,
     ServerConfig,
     add_inference_servicer,
     build_server,
 )
-from tandem.serving.metrics import (
-    MetricsConfig,
-    RouterMetrics,
-    ServingMetrics,
-    start_metrics_server,
-)
-from tandem.serving.servicer import EngineServicer
+from core.metrics import MetricsConfig, ServingMetrics, start_metrics_server
+from core.request import GenerationRequest, Limits
+from model.demo import DEMO_DIR
+from protos.tandem.v1 import inference_pb2 as pb
+from protos.tandem.v1 import inference_pb2_grpc
+from router.config import RouterConfig
+from router.metrics import RouterMetrics
+from router.policy import BackendSnapshot
+from router.server import start_router
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

@@ -21,6 +21,7 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
+from core.redis_server import RedisServer
 from router.ratelimit import (
     LIMITER_UNAVAILABLE,
     OVER_CAPACITY,
@@ -33,7 +34,6 @@ from router.ratelimit import (
     redis_client,
     request_cost,
 )
-from tandem.redis_server import RedisServer
 
 # Generous: on a loaded 2-core box a 0.2 s read timeout would look like an outage and let the
 # limiter fall back to local buckets, which is not what these tests measure.

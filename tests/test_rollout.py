@@ -21,9 +21,9 @@ import pytest
 if TYPE_CHECKING:
     from conftest import Clock
 
-from cloud.control.config import ControlConfig
-from cloud.control.records import ModelVersion, NodeLoad, VersionOutcome
-from cloud.control.rollout import (
+from control.config import ControlConfig
+from control.records import ModelVersion, NodeLoad, VersionOutcome
+from control.rollout import (
     CONFIG_FILE,
     IDLE,
     PROMOTE,
@@ -32,13 +32,13 @@ from cloud.control.rollout import (
     RolloutConfig,
     RolloutController,
 )
-from cloud.control.server import start_control_server
-from cloud.control.store import ControlStore
+from control.server import start_control_server
+from control.store import ControlStore
+from core.errors import InvalidRequest, WrongState
+from core.grpc_server import ServerConfig
 from protos.tandem.v1 import control_pb2 as pb
 from protos.tandem.v1.control_pb2_grpc import ControlStub
 from tandem.commands import rollout_cmd
-from tandem.errors import InvalidRequest, WrongState
-from tandem.serving.grpc_server import ServerConfig
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -18,12 +18,13 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cloud.control.config import ControlConfig
-from cloud.control.router_tokens import RouterTokens
-from cloud.control.server import ControlServer, start_control_server
 from cloud.engine import CloudEngineConfig
 from cloud.scheduler import SchedulerConfig
 from cloud.server import CloudServerConfig, start_cloud_server
+from control.config import ControlConfig
+from control.router_tokens import RouterTokens
+from control.server import ControlServer, start_control_server
+from core.grpc_server import ServerConfig
 from edge.engine import EdgeEngineConfig
 from edge.server import EdgeServerConfig, start_edge_server
 from model.checkpoint import checkpoint_version
@@ -46,7 +47,6 @@ from router.discovery import (
 from router.frontdoor import FrontDoorConfig
 from router.server import start_router
 from tandem.commands import control_cmd
-from tandem.serving.grpc_server import ServerConfig
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -7,6 +7,8 @@ import pytest
 
 from cloud.engine import CloudEngineConfig
 from cloud.server import CloudServerConfig, start_cloud_server
+from core.grpc_server import RETRY_AFTER_KEY, ServerConfig
+from core.redis_server import RedisServer
 from model.demo import DEMO_DIR
 from protos.tandem.v1 import inference_pb2 as pb
 from protos.tandem.v1 import inference_pb2_grpc
@@ -14,8 +16,6 @@ from router.frontdoor import FrontDoorConfig
 from router.keys import AuthConfig, KeyStore
 from router.ratelimit import BucketLimit, RateLimitConfig, redis_client
 from router.server import RouterConfig, start_router
-from tandem.redis_server import RedisServer
-from tandem.serving.grpc_server import RETRY_AFTER_KEY, ServerConfig
 
 PROMPT = "Return a new list containing all items"
 

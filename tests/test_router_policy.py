@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from core.errors import Overloaded, Unavailable
 from router.circuit import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, CircuitConfig
 from router.policy import (
     BackendSnapshot,
@@ -16,7 +17,6 @@ from router.policy import (
     RoutingPolicy,
 )
 from router.stats import BackendStats, Ewma, StatsConfig
-from tandem.errors import Overloaded, Unavailable
 
 ROUTER_DIR = Path(__file__).resolve().parents[1] / "router"
 

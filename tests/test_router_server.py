@@ -19,17 +19,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from protos.tandem.v1 import inference_pb2 as pb
-from protos.tandem.v1 import inference_pb2_grpc as pb_grpc
-from router.backends import PoolConfig
-from router.cache import CacheConfig
-from router.circuit import CircuitConfig
-from router.frontdoor import FrontDoorConfig
-from router.policy import PolicyConfig
-from router.server import RouterConfig, RouterServer, start_router
-from tandem.errors import Overloaded, Unavailable
-from tandem.request import GenerationRequest, Limits
-from tandem.serving.engine_api import (
+from core.engine_api import (
     Chunk,
     EngineInfo,
     EngineLoad,
@@ -38,7 +28,9 @@ from tandem.serving.engine_api import (
     Timings,
     Usage,
 )
-from tandem.serving.grpc_server import (
+from core.engine_servicer import IN_FLIGHT_KEY, EngineServicer
+from core.errors import Overloaded, Unavailable
+from core.grpc_server import (
     INFERENCE_SERVICE,
     RETRY_AFTER_KEY,
     ServerConfig,
@@ -46,7 +38,15 @@ from tandem.serving.grpc_server import (
     build_server,
     set_serving,
 )
-from tandem.serving.servicer import IN_FLIGHT_KEY, EngineServicer
+from core.request import GenerationRequest, Limits
+from protos.tandem.v1 import inference_pb2 as pb
+from protos.tandem.v1 import inference_pb2_grpc as pb_grpc
+from router.backends import PoolConfig
+from router.cache import CacheConfig
+from router.circuit import CircuitConfig
+from router.frontdoor import FrontDoorConfig
+from router.policy import PolicyConfig
+from router.server import RouterConfig, RouterServer, start_router
 
 pytestmark = pytest.mark.timeout(60)
 

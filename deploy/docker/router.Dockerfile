@@ -9,8 +9,11 @@ ENV PYTHONUNBUFFERED=1 \
 WORKDIR /opt/tandem
 COPY pyproject.toml README.md ./
 COPY protos protos
+COPY core core
 COPY model model
 COPY cloud cloud
+COPY control control
+COPY autoscale autoscale
 COPY edge edge
 COPY router router
 COPY federation federation

@@ -14,7 +14,7 @@ import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from tandem.durable import write_atomic
+from core.durable import write_atomic
 
 log = logging.getLogger(__name__)
 

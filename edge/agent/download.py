@@ -19,7 +19,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 
-from cloud.control.signing import SignatureError, verify_manifest
+from core.durable import fsync_dir
 from edge.agent.client import ControlClient, ControlError
 from edge.agent.config import PARTIAL_DIR, check_version_name
 from model.manifest import (
@@ -30,7 +30,7 @@ from model.manifest import (
     sha256_file,
     verify_artifact,
 )
-from tandem.durable import fsync_dir
+from model.signing import SignatureError, verify_manifest
 
 log = logging.getLogger(__name__)
 

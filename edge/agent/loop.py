@@ -18,6 +18,7 @@ import random
 import shutil
 import time
 
+from core.errors import TandemError
 from edge.agent.client import ControlClient, ControlError, Outcome
 from edge.agent.config import (
     PARTIAL_DIR,
@@ -28,7 +29,6 @@ from edge.agent.config import (
 )
 from edge.agent.download import ArtifactRejected, download_version
 from edge.engine import EdgeEngine
-from tandem.errors import TandemError
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.engine_server import EngineServer
+from core.grpc_server import ServerConfig, wait_for_signal
+from core.metrics import MetricsConfig
 from edge.agent.client import ControlClient, ControlError
 from edge.agent.config import AgentConfig, NodeConfig, read_node_config, write_node_config
 from edge.agent.download import ArtifactRejected, download_version
@@ -23,9 +26,6 @@ from edge.engine import EdgeEngine, EdgeEngineConfig
 from edge.server import EdgeServerConfig, start_edge_server
 from federation.processes import SuperNodeConfig, supernode_process
 from model.manifest import ArtifactIntegrityError
-from tandem.serving.engine_server import EngineServer
-from tandem.serving.grpc_server import ServerConfig, wait_for_signal
-from tandem.serving.metrics import MetricsConfig
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ METRICS_PORT = 9194
 
 
 def register(groups: Any) -> None:
-    from cloud.autoscale.forecast import DEFAULT_MODEL, MODELS
-    from cloud.autoscale.recommender import DEFAULT_CAPACITY_RPS
+    from autoscale.forecast import DEFAULT_MODEL, MODELS
+    from autoscale.recommender import DEFAULT_CAPACITY_RPS
 
     group = groups.add_parser("autoscale", help="forecast load and publish desired cloud "
                               "replicas")
@@ -58,10 +58,10 @@ def register(groups: Any) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from cloud.autoscale.autoscaler import run_autoscaler
-    from cloud.autoscale.config import AutoscaleConfig
-    from cloud.autoscale.recommender import ReplicaPolicy
-    from tandem.serving.metrics import MetricsConfig
+    from autoscale.autoscaler import run_autoscaler
+    from autoscale.config import AutoscaleConfig
+    from autoscale.recommender import ReplicaPolicy
+    from core.metrics import MetricsConfig
 
     urls = args.router_metrics or [
         u.strip() for u in os.environ.get("TANDEM_ROUTER_METRICS", "").split(",") if u.strip()]

@@ -39,9 +39,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cloud.engine import CloudEngineConfig
     from cloud.scheduler import SchedulerConfig
     from cloud.server import CloudServerConfig, run_cloud_server
+    from core.grpc_server import ServerConfig
+    from core.metrics import MetricsConfig
     from model.demo import DEMO_DIR
-    from tandem.serving.grpc_server import ServerConfig
-    from tandem.serving.metrics import MetricsConfig
 
     device = args.device
     if device == "auto":

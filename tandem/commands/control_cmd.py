@@ -45,7 +45,7 @@ def _data_dir_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def _data_dir(args: argparse.Namespace) -> Path:
-    from cloud.control.datadir import default_data_dir
+    from control.datadir import default_data_dir
 
     return args.data_dir.expanduser() if args.data_dir is not None else default_data_dir()
 
@@ -145,8 +145,8 @@ def register_model(sub: Any) -> None:
 
 def _guarded(action: Callable[[], int]) -> int:
     """Run ``action``; a typed error becomes one line on stderr and exit status 1."""
+    from core.errors import TandemError
     from model.manifest import ArtifactIntegrityError
-    from tandem.errors import TandemError
 
     try:
         return action()
@@ -173,18 +173,17 @@ def _ago(ts: float | None, now: float) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from cloud.control.config import ControlConfig
-    from cloud.control.rollout import RolloutConfig
-    from cloud.control.server import run_control_server
-    from tandem.serving.grpc_server import ServerConfig
-    from tandem.serving.metrics import MetricsConfig
+    from control.config import ControlConfig
+    from control.rollout import RolloutConfig
+    from control.server import run_control_server
+    from core.grpc_server import ServerConfig
+    from core.metrics import MetricsConfig
 
     config = ControlConfig(
         data_dir=_data_dir(args),
         server=ServerConfig(host=args.host, port=args.port, grace_s=args.grace),
         heartbeat_interval_s=args.heartbeat_interval,
         metrics=MetricsConfig.from_flags(args.metrics_port, METRICS_PORT, args.no_metrics),
-        superlink=_superlink_config(args),
     )
     rollout = RolloutConfig(
         window_s=args.rollout_window, min_requests=args.rollout_min_requests,
@@ -193,7 +192,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Live as the fleet metrics and ListNodes count it: heard from in three heartbeats.
         node_stale_s=3 * args.heartbeat_interval,
     )
-    asyncio.run(run_control_server(config, rollout))
+    superlink = _superlink_config(args)
+
+    async def serve() -> None:
+        if superlink is None:
+            await run_control_server(config, rollout)
+            return
+        from federation.superlink import supervised_superlink
+
+        # The SuperLink outlives the control plane's drain: a run in flight can still publish.
+        async with supervised_superlink(superlink, config.data_dir):
+            await run_control_server(config, rollout)
+
+    asyncio.run(serve())
     return 0
 
 
@@ -210,8 +221,8 @@ def _superlink_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
-    from cloud.control.credentials import parse_join_token
-    from cloud.control.datadir import ControlData
+    from control.credentials import parse_join_token
+    from control.datadir import ControlData
 
     if args.router:
         return _router_token_create(args)
@@ -228,7 +239,7 @@ def cmd_token_create(args: argparse.Namespace) -> int:
 
 
 def _router_token_create(args: argparse.Namespace) -> int:
-    from cloud.control.router_tokens import RouterTokens
+    from control.router_tokens import RouterTokens
 
     root = _data_dir(args)
     token = RouterTokens(root).create(note=args.note)
@@ -241,8 +252,8 @@ def _router_token_create(args: argparse.Namespace) -> int:
 
 
 def cmd_token_list(args: argparse.Namespace) -> int:
-    from cloud.control.datadir import ControlData
-    from cloud.control.router_tokens import RouterTokens
+    from control.datadir import ControlData
+    from control.router_tokens import RouterTokens
 
     with ControlData.open(_data_dir(args)) as data:
         tokens = data.store.join_tokens()
@@ -264,7 +275,7 @@ def cmd_token_list(args: argparse.Namespace) -> int:
 
 
 def cmd_token_revoke(args: argparse.Namespace) -> int:
-    from cloud.control.router_tokens import RouterTokens
+    from control.router_tokens import RouterTokens
 
     def revoke() -> int:
         RouterTokens(_data_dir(args)).revoke(args.token_id)
@@ -278,7 +289,7 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
 def cmd_nodes(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from cloud.control.datadir import ControlData
+    from control.datadir import ControlData
 
     with ControlData.open(_data_dir(args)) as data:
         nodes = data.store.nodes()
@@ -295,8 +306,8 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from cloud.control.datadir import ControlData
-    from cloud.control.publish import publish_model
+    from control.datadir import ControlData
+    from control.publish import publish_model
 
     def publish() -> int:
         with ControlData.open(_data_dir(args)) as data:
@@ -317,7 +328,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
-    from cloud.control.datadir import ControlData
+    from control.datadir import ControlData
 
     with ControlData.open(_data_dir(args)) as data:
         versions = data.store.versions()

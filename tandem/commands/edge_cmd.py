@@ -97,10 +97,10 @@ def register(groups: Any) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from core.grpc_server import ServerConfig
+    from core.metrics import MetricsConfig
     from edge.engine import EdgeEngineConfig
     from edge.server import EdgeServerConfig, run_edge_server
-    from tandem.serving.grpc_server import ServerConfig
-    from tandem.serving.metrics import MetricsConfig
 
     if not args.artifact.exists():
         if args.export_from is None:
@@ -159,9 +159,9 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from core.metrics import MetricsConfig
     from edge.agent.config import AgentConfig
     from edge.agent.run import NodeRunConfig, serve_node
-    from tandem.serving.metrics import MetricsConfig
 
     data_dir = _data_dir(args.data_dir)
     config = NodeRunConfig(
@@ -179,8 +179,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _supernode_config(args: argparse.Namespace, data_dir: Path) -> Any:
+    from core.launcher import free_port
     from federation.processes import FlowerTls, SuperNodeConfig
-    from tandem.launcher import free_port
 
     if args.superlink is None:
         return None

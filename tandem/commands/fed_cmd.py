@@ -83,7 +83,7 @@ def _cli(args: argparse.Namespace, control_dir: Path) -> Any:
 
 def base_checkpoint(control_dir: Path, given: Path | None) -> Path:
     """The checkpoint a run starts from: given, or the one behind the fleet's version."""
-    from cloud.control.datadir import ControlData
+    from control.datadir import ControlData
     from federation.publish import find_checkpoint
     from model.demo import DEMO_DIR
 

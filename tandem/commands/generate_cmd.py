@@ -45,8 +45,8 @@ def _describe(served_by: Any, route_reason: str, cached: bool, usage: Any, timin
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from core.errors import TandemError
     from tandem.client import Client
-    from tandem.errors import TandemError
 
     fields = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                   top_k=args.top_k, seed=args.seed, stop=args.stop, route=args.route,

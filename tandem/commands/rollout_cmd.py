@@ -45,8 +45,8 @@ def register(groups: Any) -> None:
 
 def _controller(args: argparse.Namespace) -> Any:
     """A controller over the data directory, with the serving control plane's thresholds."""
-    from cloud.control.datadir import ControlData
-    from cloud.control.rollout import RolloutConfig, RolloutController
+    from control.datadir import ControlData
+    from control.rollout import RolloutConfig, RolloutController
 
     root = _data_dir(args)
     data = ControlData.open(root)

@@ -72,6 +72,9 @@ def register(groups: Any) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from core.errors import TandemError
+    from core.grpc_server import ServerConfig
+    from core.metrics import MetricsConfig
     from federation.sitedata import EscalationLog
     from model.demo import DEMO_DIR
     from router.cache import CacheConfig
@@ -81,9 +84,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from router.policy import PolicyConfig
     from router.ratelimit import RateLimitConfig
     from router.server import RouterConfig, run_router
-    from tandem.errors import TandemError
-    from tandem.serving.grpc_server import ServerConfig
-    from tandem.serving.metrics import MetricsConfig
 
     overrides: dict[str, Any] = {"cascade": args.cascade}
     if args.difficulty_threshold is not None:

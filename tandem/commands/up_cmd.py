@@ -87,7 +87,7 @@ def _cli(*args: str) -> str:
     """Run a ``tandem`` command to completion; its stdout (raises with its output if it fails)."""
     import subprocess
 
-    from tandem.launcher import tandem_argv
+    from core.launcher import tandem_argv
 
     done = subprocess.run(tandem_argv(*args), capture_output=True, text=True, timeout=300,
                           check=False)
@@ -107,9 +107,9 @@ def _token(output: str, kind: str) -> str:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from core.launcher import ManagedProcess, free_port, stop_all, tandem_argv
+    from core.redis_server import RedisServer
     from edge.agent.config import read_node_config
-    from tandem.launcher import ManagedProcess, free_port, stop_all, tandem_argv
-    from tandem.redis_server import RedisServer
 
     home = args.home or default_home()
     run_dir = home / "up" / time.strftime("%Y%m%d-%H%M%S")

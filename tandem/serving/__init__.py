@@ -1,1 +1,0 @@
-"""What every Tandem inference server shares: the engine contract, the servicer, the gRPC shell."""

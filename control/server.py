@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +34,7 @@ from control.servicer import (
     add_control_servicer,
 )
 from control.store import ControlStore
+from core.auth import AuthInterceptor, metadata_value
 from core.errors import TandemError
 from core.grpc_server import (
     abort,
@@ -61,12 +61,11 @@ UNCOUNTED_PREFIXES = (
 
 def bearer_credential(metadata: Any) -> str | None:
     """The credential of an ``authorization: Bearer <credential>`` header, if any."""
-    for key, value in metadata or ():
-        if key == AUTH_HEADER:
-            text = value.decode(errors="replace") if isinstance(value, bytes) else value
-            scheme, _, credential = text.strip().partition(" ")
-            return credential.strip() if scheme.lower() == "bearer" else None
-    return None
+    text = metadata_value(metadata, AUTH_HEADER)
+    if text is None:
+        return None
+    scheme, _, credential = text.strip().partition(" ")
+    return credential.strip() if scheme.lower() == "bearer" else None
 
 
 def _final_status(exc: BaseException | None, context: grpc.aio.ServicerContext) -> str:
@@ -78,87 +77,39 @@ def _final_status(exc: BaseException | None, context: grpc.aio.ServicerContext) 
     return getattr(code, "name", "UNKNOWN") if code is not None else "UNKNOWN"
 
 
-class NodeGate(grpc.aio.ServerInterceptor):
+class NodeGate(AuthInterceptor):
     """Authenticates every non-public Control RPC (the node lands in CURRENT_NODE, a router's
     token id in CURRENT_ROUTER); counts all."""
 
+    # Control has no client-streaming methods; refusing beats letting one in unchecked.
+    client_streaming = False
+
     def __init__(self, store: ControlStore, metrics: ControlMetrics,
                  routers: RouterTokens) -> None:
+        super().__init__(AUTH_HEADER, UNCOUNTED_PREFIXES)
         self.store = store
         self.metrics = metrics
         self.routers = routers
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or details.method.startswith(UNCOUNTED_PREFIXES):
-            return handler  # unknown methods stay UNIMPLEMENTED
-        caller = ("public" if details.method in PUBLIC_METHODS
-                  else "router" if details.method in ROUTER_METHODS else "node")
-        credential = None if caller == "public" else bearer_credential(
-            details.invocation_metadata)
-        name = details.method.rsplit("/", 1)[-1]
-        if handler.unary_unary:
-            return self._unary(handler, name, caller, credential)
-        if handler.unary_stream:
-            return self._streaming(handler, name, caller, credential)
-        # Control has no client-streaming methods; refusing beats letting one in unchecked.
-        raise NotImplementedError(f"NodeGate cannot guard client-streaming {details.method}")
+    def credential(self, metadata: Any) -> str | None:
+        return bearer_credential(metadata)
 
-    async def _admit(self, caller: str, credential: str | None,
-                     context: grpc.aio.ServicerContext) -> None:
-        if caller == "public":
+    async def admit(self, method: str, credential: str | None, request: Any,
+                    context: grpc.aio.ServicerContext) -> None:
+        if method in PUBLIC_METHODS:
             return
-        check = self.routers.authenticate if caller == "router" else self.store.authenticate
+        router = method in ROUTER_METHODS
+        check = self.routers.authenticate if router else self.store.authenticate
         try:
             who = await asyncio.to_thread(check, credential or "")
         except TandemError as e:
             await abort(context, e)
         # No reset: each RPC runs in its own task (its own context), which ends with it.
-        (CURRENT_ROUTER if caller == "router" else CURRENT_NODE).set(who)
+        (CURRENT_ROUTER if router else CURRENT_NODE).set(who)
 
-    def _unary(self, handler: grpc.RpcMethodHandler, name: str, caller: str,
-               credential: str | None) -> grpc.RpcMethodHandler:
-        inner = handler.unary_unary
-
-        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            failure: BaseException | None = None
-            try:
-                await self._admit(caller, credential, context)
-                return await inner(request, context)
-            except BaseException as e:
-                failure = e
-                raise
-            finally:
-                self.metrics.request(name, _final_status(failure, context))
-
-        return grpc.unary_unary_rpc_method_handler(
-            unary_unary, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
-
-    def _streaming(self, handler: grpc.RpcMethodHandler, name: str, caller: str,
-                   credential: str | None) -> grpc.RpcMethodHandler:
-        inner = handler.unary_stream
-
-        async def unary_stream(request: Any, context: grpc.aio.ServicerContext
-                               ) -> AsyncIterator[Any]:
-            failure: BaseException | None = None
-            try:
-                await self._admit(caller, credential, context)
-                async for message in inner(request, context):
-                    yield message
-            except BaseException as e:
-                failure = e
-                raise
-            finally:
-                self.metrics.request(name, _final_status(failure, context))
-
-        return grpc.unary_stream_rpc_method_handler(
-            unary_stream, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
+    def finished(self, method: str, failure: BaseException | None,
+                 context: grpc.aio.ServicerContext) -> None:
+        self.metrics.request(method.rsplit("/", 1)[-1], _final_status(failure, context))
 
 
 class RolloutTicker:

@@ -68,7 +68,7 @@ def bearer_credential(metadata: Any) -> str | None:
     return credential.strip() if scheme.lower() == "bearer" else None
 
 
-def _final_status(exc: BaseException | None, context: grpc.aio.ServicerContext) -> str:
+def _final_status(exc: BaseException | None, context: grpc.aio.ServicerContext[Any, Any]) -> str:
     if exc is None:
         return "OK"
     if isinstance(exc, asyncio.CancelledError | GeneratorExit):
@@ -95,7 +95,7 @@ class NodeGate(AuthInterceptor):
         return bearer_credential(metadata)
 
     async def admit(self, method: str, credential: str | None, request: Any,
-                    context: grpc.aio.ServicerContext) -> None:
+                    context: grpc.aio.ServicerContext[Any, Any]) -> None:
         if method in PUBLIC_METHODS:
             return
         router = method in ROUTER_METHODS
@@ -108,7 +108,7 @@ class NodeGate(AuthInterceptor):
         (CURRENT_ROUTER if router else CURRENT_NODE).set(who)
 
     def finished(self, method: str, failure: BaseException | None,
-                 context: grpc.aio.ServicerContext) -> None:
+                 context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self.metrics.request(method.rsplit("/", 1)[-1], _final_status(failure, context))
 
 

@@ -19,8 +19,6 @@ import grpc
 # An API key from a client to a router (or a tier behind one): the SDK's ``api_key=``.
 API_KEY_HEADER = "x-api-key"
 
-Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]]
-
 
 def metadata_value(metadata: Any, key: str) -> str | None:
     """The first value of ``key`` in ``metadata`` as text (binary values decoded leniently)."""
@@ -33,7 +31,7 @@ def metadata_value(metadata: Any, key: str) -> str | None:
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Runs ``admit`` before every non-public RPC and ``finished`` after it; subclasses decide."""
 
-    # False: a client-streaming method is refused at registration rather than let in unchecked.
+    # False: a client-streaming method is refused (NotImplementedError), never let in unchecked.
     client_streaming = True
 
     def __init__(self, header: str, public: Sequence[str] = ()) -> None:
@@ -45,17 +43,21 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return metadata_value(metadata, self.header)
 
     async def admit(self, method: str, credential: str | None, request: Any,
-                    context: grpc.aio.ServicerContext) -> None:
+                    context: grpc.aio.ServicerContext[Any, Any]) -> None:
         """Verify ``credential`` for ``method`` (``request`` is None for client streams);
         abort the RPC on refusal."""
         raise NotImplementedError
 
     def finished(self, method: str, failure: BaseException | None,
-                 context: grpc.aio.ServicerContext) -> None:
+                 context: grpc.aio.ServicerContext[Any, Any]) -> None:
         """Called once each wrapped RPC ends, refused ones included (a hook for metrics)."""
 
-    async def intercept_service(self, continuation: Continuation,
-                                details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails],
+                               Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(details)
         if handler is None or details.method.startswith(self.public):
             return handler  # unknown methods stay UNIMPLEMENTED
@@ -64,8 +66,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 f"{type(self).__name__} cannot guard client-streaming {details.method}")
         return self._wrap(handler, details.method, self.credential(details.invocation_metadata))
 
-    def _wrap(self, handler: grpc.RpcMethodHandler, method: str, credential: str | None
-              ) -> grpc.RpcMethodHandler:
+    def _wrap(self, handler: grpc.RpcMethodHandler[Any, Any], method: str,
+              credential: str | None) -> grpc.RpcMethodHandler[Any, Any]:
         kw = {"request_deserializer": handler.request_deserializer,
               "response_serializer": handler.response_serializer}
         if handler.unary_unary:
@@ -81,8 +83,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             self._streamed(handler.stream_stream, method, credential, True), **kw)
 
     def _single(self, inner: Any, method: str, credential: str | None, streamed_in: bool
-                ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
-        async def behaviour(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
+        async def behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             failure: BaseException | None = None
             try:
                 # Client streams: the credential is checked before the first message is read.
@@ -97,8 +99,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return behaviour
 
     def _streamed(self, inner: Any, method: str, credential: str | None, streamed_in: bool
-                  ) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
-        async def behaviour(request: Any, context: grpc.aio.ServicerContext
+                  ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
+        async def behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]
                             ) -> AsyncIterator[Any]:
             failure: BaseException | None = None
             try:

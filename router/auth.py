@@ -52,7 +52,7 @@ class ApiKeyInterceptor(AuthInterceptor):
         self.on_reject = on_reject
 
     async def admit(self, method: str, credential: str | None, request: Any,
-                    context: grpc.aio.ServicerContext) -> None:
+                    context: grpc.aio.ServicerContext[Any, Any]) -> None:
         """Verify, check the route, publish the key; aborts the RPC on any refusal."""
         record: KeyRecord | None = None
         try:

@@ -17,13 +17,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import BinaryIO
 
 from control.validate import check_version_name
-from core.durable import fsync_dir
+from core.durable import atomic_writer, write_atomic
 from core.errors import DataLoss, InvalidRequest, NotFound, OutOfRange
 from model.manifest import (
     ArtifactIntegrityError,
@@ -108,8 +107,9 @@ class ArtifactStore:
         stored = 0
         for entry in manifest.files:
             stored += self._put_blob(artifact_dir / entry.path, entry)
-        self._write_atomically(self.manifest_path(manifest.model_version),
-                               manifest.to_json_bytes())
+        # 0600, as before: only the control server reads them (nodes get them over gRPC).
+        write_atomic(self.manifest_path(manifest.model_version), manifest.to_json_bytes(),
+                     mode=0o600, tmp_dir=self.tmp)
         log.info("stored %s: %d files, %d new (%.1f MB)", manifest.model_version,
                  len(manifest.files), stored, manifest.total_size / 1e6)
         return manifest
@@ -125,44 +125,22 @@ class ArtifactStore:
             log.warning("blob %s in %s is damaged; storing it again", entry.sha256, self.root)
         target.parent.mkdir(exist_ok=True)
         digest = hashlib.sha256()
-        fd, tmp = tempfile.mkstemp(prefix=f"{entry.sha256[:12]}.", dir=self.tmp)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                try:
-                    with open(source, "rb") as src:
-                        for block in iter(lambda: src.read(_COPY_BYTES), b""):
-                            digest.update(block)
-                            out.write(block)
-                except FileNotFoundError:
-                    raise ArtifactIntegrityError(f"{source} is listed in the manifest but "
-                                                 "missing", missing=(entry.path,)) from None
-                out.flush()
-                os.fsync(out.fileno())
-                size = out.tell()
+        # A blob never changes after it is written: read-only from the rename on.
+        with atomic_writer(target, mode=0o444, tmp_dir=self.tmp) as out:
+            try:
+                with open(source, "rb") as src:
+                    for block in iter(lambda: src.read(_COPY_BYTES), b""):
+                        digest.update(block)
+                        out.write(block)
+            except FileNotFoundError:
+                raise ArtifactIntegrityError(f"{source} is listed in the manifest but "
+                                             "missing", missing=(entry.path,)) from None
+            size = out.tell()
             if size != entry.size or digest.hexdigest() != entry.sha256:
                 raise ArtifactIntegrityError(
                     f"{source} does not match its manifest entry (size {size}, expected "
                     f"{entry.size}; or its sha256 differs)", changed=(entry.path,))
-            os.chmod(tmp, 0o444)  # a blob never changes after it is written
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        fsync_dir(target.parent)
         return True
-
-    def _write_atomically(self, target: Path, data: bytes) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=f"{target.name}.", dir=self.tmp)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        fsync_dir(target.parent)
 
     def has_version(self, version: str) -> bool:
         return self.manifest_path(version).is_file()

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from control.credentials import digest, same_digest
+from core.durable import write_atomic
 from core.errors import NotFound, Unauthenticated
 
 log = logging.getLogger(__name__)
@@ -95,21 +96,9 @@ class RouterTokens:
         return [RouterToken(**t) for t in raw["tokens"]]
 
     def _write(self, tokens: list[RouterToken]) -> None:
-        tmp = self.path.with_name(f".{FILE_NAME}.{os.getpid()}.tmp")
         data = json.dumps({"tokens": [asdict(t) for t in tokens]}, indent=1).encode()
         # 0600 from the start: the digests are useless to a thief, but the file is no one's.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # the rename itself survives a power cut
-        finally:
-            os.close(dir_fd)
+        write_atomic(self.path, data, mode=0o600)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

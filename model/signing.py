@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from core.durable import fsync_dir
+from core.durable import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -130,23 +128,13 @@ class SigningKey:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        # mkstemp creates the file 0600, so the key is never readable by others, even briefly.
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        # 0600 from its first byte. Linked, not renamed: if another process created the key
+        # meanwhile, theirs wins and both end up signing with the same key.
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(pem)
-                fh.flush()
-                os.fsync(fh.fileno())
-            # link, not rename: if another process created the key meanwhile, theirs wins and
-            # both end up signing with the same key.
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                return
-            fsync_dir(path.parent)
-            log.info("created manifest signing key %s", path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+            write_atomic(path, pem, mode=0o600, exclusive=True)
+        except FileExistsError:
+            return
+        log.info("created manifest signing key %s", path)
 
     def sign(self, manifest_bytes: bytes) -> bytes:
         """The 64-byte Ed25519 signature of ``manifest_bytes``."""

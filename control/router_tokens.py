@@ -1,12 +1,12 @@
 """Router tokens: long-lived credentials that let a router list the fleet (ListNodes), nothing
 else.
 
-A token reads ``tdmr_<token_id>_<secret>``, like a join token: the id names it in listings and
-logs, the secret is 256 random bits of which only the sha256 digest is kept, in
-``DIR/router-tokens.json`` (mode 0600). A file beside the database rather than a table: it
-needs no schema migration, and it is read on each ListNodes call, so a token made or revoked
-by the CLI takes effect without a server restart. Writers hold an exclusive lock and replace
-the file atomically (temporary name, fsync, rename), so a reader never sees half of it.
+A token reads ``tdmr_<token_id>_<secret>``, a ``core.tokens`` format like a join token: the id
+names it in listings and logs, the secret is 256 random bits of which only the sha256 digest
+is kept, in ``DIR/router-tokens.json`` (mode 0600). A file beside the database rather than a
+table: it needs no schema migration, and it is read on each ListNodes call, so a token made or
+revoked by the CLI takes effect without a server restart. Writers hold an exclusive lock and
+replace the file with ``core.durable.write_atomic``, so a reader never sees half of it.
 """
 
 from __future__ import annotations
@@ -16,22 +16,19 @@ import fcntl
 import json
 import logging
 import os
-import re
-import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from control.credentials import digest, same_digest
 from core.durable import write_atomic
 from core.errors import NotFound, Unauthenticated
+from core.tokens import digest, new_token, parse_token, same_digest
 
 log = logging.getLogger(__name__)
 
 FILE_NAME = "router-tokens.json"
 PREFIX = "tdmr"
-_TOKEN = re.compile(r"^tdmr_([0-9a-f]{16})_([A-Za-z0-9_-]{43})$")
 _HOW = "make one with `tandem cloud token create --router` on the control host"
 
 
@@ -53,13 +50,13 @@ class RouterTokens:
 
     def create(self, *, note: str = "") -> str:
         """A new token, returned once (only its digest is kept)."""
-        token_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
+        token_id, token, secret = new_token(PREFIX)
         with self._locked():
             tokens = self._read()
             tokens.append(RouterToken(token_id, digest(secret), time.time(), note))
             self._write(tokens)
         log.info("created router token %s", token_id)
-        return f"{PREFIX}_{token_id}_{secret}"
+        return token
 
     def tokens(self) -> list[RouterToken]:
         """Every valid token, oldest first."""
@@ -77,11 +74,11 @@ class RouterTokens:
 
     def authenticate(self, token: str) -> str:
         """The id of a valid token; raises Unauthenticated otherwise."""
-        match = _TOKEN.match((token or "").strip())
-        if match is None:
+        parsed = parse_token(PREFIX, (token or "").strip())
+        if parsed is None:
             raise Unauthenticated("ListNodes needs a router token (tdmr_<id>_<secret>) as "
                                   f"metadata 'authorization: Bearer <token>'; {_HOW}")
-        token_id, secret_hash = match.group(1), digest(match.group(2))
+        token_id, secret_hash = parsed[0], digest(parsed[1])
         for stored in self._read():
             if stored.token_id == token_id and same_digest(stored.secret_hash, secret_hash):
                 return token_id

@@ -1,10 +1,11 @@
 """API keys in Redis: created once, stored only as a hash, verified per request through a TTL cache.
 
-A key reads ``tdm_<key_id>_<secret>``. The id is public (it names the key in logs, rate-limit
-buckets and ``tandem keys revoke``); only the secret authenticates, and Redis holds nothing but
-its sha256 (or HMAC-sha256 with a server pepper, so a copy of Redis alone can't be brute-forced
-offline). Each record lives under ``KEY_TEMPLATE`` with its name, rate-limit tier, allowed
-routes, creation time and revocation flag; ``INDEX_KEY`` lists the ids for ``list``.
+A key reads ``tdm_<key_id>_<secret>``, a ``core.tokens`` format. The id is public (it names the
+key in logs, rate-limit buckets and ``tandem keys revoke``); only the secret authenticates, and
+Redis holds nothing but its sha256 (or HMAC-sha256 with a server pepper, so a copy of Redis
+alone can't be brute-forced offline). Each record lives under ``KEY_TEMPLATE`` with its name,
+rate-limit tier, allowed routes, creation time and revocation flag; ``INDEX_KEY`` lists the ids
+for ``list``.
 
 ``verify`` is on every request's path, so a verified key is remembered in-process for a few
 seconds (``AuthConfig.cache_ttl_s``): a revocation takes effect within that time. This module
@@ -14,11 +15,8 @@ never imports grpc; ``router.auth`` turns its errors into statuses.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
 import re
-import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -29,6 +27,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, WatchError
 
+from core import tokens
 from core.errors import Unauthenticated, Unavailable
 from core.request import ROUTES
 
@@ -37,7 +36,6 @@ log = logging.getLogger(__name__)
 KEY_TEMPLATE = "tandem:apikey:{key_id}"
 INDEX_KEY = "tandem:apikeys"
 TOKEN_PREFIX = "tdm"
-_TOKEN = re.compile(r"^tdm_([0-9a-f]{16})_([A-Za-z0-9_-]{43})$")
 _HOW = "send a key made by `tandem keys create` as gRPC metadata 'x-api-key'"
 
 @dataclass(frozen=True)
@@ -139,17 +137,14 @@ class KeyStore:
         self._redis_back_at = float("-inf")  # clock() before which Redis is not asked
 
     def _digest(self, secret: str) -> str:
-        if self.config.pepper:
-            return "hmac-sha256:" + hmac.new(self.config.pepper, secret.encode(),
-                                             hashlib.sha256).hexdigest()
-        return "sha256:" + hashlib.sha256(secret.encode()).hexdigest()
+        return tokens.digest(secret, self.config.pepper)
 
     async def create(self, name: str, tier: str = "default",
                      routes: Sequence[str] = ROUTES) -> tuple[str, str]:
         """A new key: returns ``(key_id, token)``; the token is shown once and never stored."""
         routes = _check_fields(name, tier, routes)
         while True:
-            key_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
+            key_id, token, secret = tokens.new_token(TOKEN_PREFIX)
             key = KEY_TEMPLATE.format(key_id=key_id)
             async with self.redis.pipeline(transaction=True) as pipe:
                 try:
@@ -168,7 +163,7 @@ class KeyStore:
                     continue
             log.info("created API key %s (%s, tier %s, routes %s)", key_id, name, tier,
                      ",".join(routes))
-            return key_id, f"{TOKEN_PREFIX}_{key_id}_{secret}"
+            return key_id, token
 
     async def list(self) -> list[KeyRecord]:
         """Every key, revoked ones included, oldest first; no secrets or hashes."""
@@ -194,15 +189,15 @@ class KeyStore:
         """The record of a valid, unrevoked key; raises Unauthenticated (or Unavailable)."""
         if not token:
             raise Unauthenticated(f"missing API key: {_HOW}")
-        match = _TOKEN.match(token.strip())
-        if match is None:
+        parsed = tokens.parse_token(TOKEN_PREFIX, token.strip())
+        if parsed is None:
             raise Unauthenticated(f"malformed API key (expected tdm_<id>_<secret>): {_HOW}")
-        key_id, secret = match.groups()
+        key_id, secret = parsed
         digest = self._digest(secret)
         now = self.clock()
         hit = self._verified.get(key_id)
         # The digest is compared even on a cache hit: a known id with a wrong secret gets nowhere.
-        if hit and hmac.compare_digest(hit.digest, digest):
+        if hit and tokens.same_digest(hit.digest, digest):
             if now - hit.at <= self.config.cache_ttl_s:
                 return hit.record
         else:
@@ -239,7 +234,7 @@ class KeyStore:
                       digest.partition(":")[0])
         # compare_digest: the time taken says nothing about how much of the hash matched. A wrong
         # secret leaves a cached entry alone (anyone knowing an id could otherwise evict it).
-        if not hmac.compare_digest(stored.encode(), digest.encode()):
+        if not tokens.same_digest(stored, digest):
             raise Unauthenticated(f"API key {key_id} is not recognized: check it was copied "
                                   f"whole, or ask for a new one ({_HOW})")
         record = _record(key_id, fields)

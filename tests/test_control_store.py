@@ -16,10 +16,12 @@ import pytest
 if TYPE_CHECKING:
     from conftest import Clock
 
+from control.credentials import JOIN_TOKEN_PREFIX
 from control.records import ModelVersion, NodeLoad, NodeResources, VersionOutcome
 from control.schema import SCHEMA_VERSION
 from control.store import ControlStore
 from core.errors import InvalidRequest, NotFound, Unauthenticated, WrongState
+from core.tokens import parse_token
 
 ADDRESS = "10.0.0.7:50061"
 
@@ -109,7 +111,10 @@ def test_secrets_are_stored_only_as_hashes(store: ControlStore, tmp_path: Path) 
     credential = store.enroll(token, hostname="edge-a", inference_address=ADDRESS).credential
     store.close()
     raw = b"".join(p.read_bytes() for p in tmp_path.glob("control.db*"))
-    for secret in (token.rsplit("_", 1)[1], credential):
+    # The shared parser, not rsplit("_"): the urlsafe secret may itself contain '_'.
+    parsed = parse_token(JOIN_TOKEN_PREFIX, token)
+    assert parsed is not None
+    for secret in (parsed[1], credential):
         assert secret.encode() not in raw
 
 

@@ -8,31 +8,22 @@ genai Generator in a worker thread and hands every token to the event loop as it
 a closed stream, a stop sequence or a passed deadline ends it at the next token and frees its
 slot at once. No torch and no transformers: this is what an edge node imports.
 
-``swap_to`` replaces the model without dropping a request: the new artifact is verified, loaded
-beside the old one and warmed up; then, between two requests, new work goes to it while work
-already running on the old model finishes there, and only then is the old model released. Each
-request pins the model it started on, so its tokens, text and ``served_by`` never mix versions.
+``swap_to`` replaces the model without dropping a request: each request pins the model it
+started on, so its tokens, text and ``served_by`` never mix versions, and the switch is one
+assignment between two requests. Loading, verifying, warming up and releasing models is
+``model_slot.py``'s; this file does not read artifacts.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import math
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.engine_api import (
-    Chunk,
-    EngineInfo,
-    EngineLoad,
-    ScoreResult,
-    ServedBy,
-)
+from core.engine_api import Chunk, EngineInfo, EngineLoad, ScoreResult
 from core.errors import (
     DeadlineExceeded,
     InvalidRequest,
@@ -42,25 +33,15 @@ from core.errors import (
 )
 from core.request import GenerationRequest, Limits
 from edge.admission import Admission
+from edge.model_slot import ModelSlot
 from edge.outcomes import Tally, VersionOutcome
 from edge.runtime import EdgeRuntime
 from edge.sequence import EdgeSequence, LoadedModel, chunk_stream, decode_worker
-from model.manifest import CALIBRATION_FILE, Manifest, read_manifest
-from model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 # Prompts longer than this (characters) are tokenized in a thread: a 32 KiB prompt takes ~15 ms.
 _INLINE_ENCODE_CHARS = 2048
-# A swapped-in model decodes this before it takes traffic (first-call allocations, every weight
-# touched), as the server's warm-up does at start.
-_WARMUP_PROMPT = "Return the"
-
-
-class SwapFailed(TandemError):
-    """A new model could not be loaded or warmed up; the old one keeps serving."""
-
-    status = "FAILED_PRECONDITION"
 
 
 @dataclass(frozen=True)
@@ -89,32 +70,12 @@ class EdgeEngineConfig:
             raise ValueError(f"threads must be >= 1 or None, got {self.threads}")
 
 
-def _engine_info(config: EdgeEngineConfig, manifest: Manifest, max_context: int) -> EngineInfo:
-    return EngineInfo(
-        served_by=ServedBy("edge", config.node_id, manifest.model_version),
-        model_name=manifest.base_version,
-        max_context=max_context,
-        max_new_tokens=min(config.limits.max_new_tokens, max_context - 1),
-        precision=manifest.quantization,
-    )
-
-
 class EdgeEngine:
     """Serves one edge artifact at a time: streaming generation, scoring, live load, hot swap."""
 
     def __init__(self, config: EdgeEngineConfig) -> None:
         self.config = config
-        artifact = Path(config.artifact_dir)
-        # Info comes from the manifest and genai_config.json alone, so it is there while the
-        # model loads (the servicer answers Info before health turns SERVING).
-        genai = json.loads((artifact / "genai_config.json").read_text())
-        self._info = _engine_info(
-            config, read_manifest(artifact), int(genai["model"]["context_length"])
-        )
-        self._model: LoadedModel | None = None
-        self._retiring: set[LoadedModel] = set()  # swapped out, finishing their requests
-        self._loading: str | None = None
-        self._swap_lock = asyncio.Lock()
+        self._slot = ModelSlot(config)
         self._admission = Admission(config.max_concurrency, config.max_queue)
         self._active: set[EdgeSequence] = set()
         self._draining = False
@@ -125,17 +86,18 @@ class EdgeEngine:
 
     @property
     def info(self) -> EngineInfo:
-        return self._info
+        return self._slot.info
 
     @property
     def runtime(self) -> EdgeRuntime | None:
         """The model new requests go to (None before ``start`` and after ``stop``)."""
-        return self._model.runtime if self._model is not None else None
+        model = self._slot.current
+        return model.runtime if model is not None else None
 
     @property
     def loading_version(self) -> str | None:
         """The version a swap is loading and warming up right now, if any."""
-        return self._loading
+        return self._slot.loading
 
     @property
     def tokens_generated(self) -> int:
@@ -145,7 +107,7 @@ class EdgeEngine:
     @property
     def healthy(self) -> bool:
         """A model is loaded and new requests are accepted."""
-        return self._model is not None and not self._draining
+        return self._slot.current is not None and not self._draining
 
     def load(self) -> EngineLoad:
         return EngineLoad(
@@ -162,10 +124,9 @@ class EdgeEngine:
 
     async def start(self) -> None:
         """Verify and load the artifact (in a thread); then requests are accepted."""
-        if self._model is not None:
+        if self._slot.current is not None:
             return
-        model = await self._load(Path(self.config.artifact_dir))
-        self._model, self._info = model, model.info
+        model = await self._slot.start()
         self._draining = False
         log.info(
             "edge engine %s: %s, %d slots, queue %d, context %d",
@@ -187,60 +148,34 @@ class EdgeEngine:
             err = Unavailable("the edge node shut down before the request finished; retry")
             self._admission.refuse_waiters(err)
             self._end(self._active, err)
-        for model in (self._model, *self._retiring):
-            if model is not None:
-                model.close()
-        self._retiring.clear()
-        self._model = None
+        self._slot.close()
 
     async def swap_to(self, artifact_dir: str | Path) -> None:
         """Serve ``artifact_dir`` from now on without failing a request; returns once the old
         model's requests have finished and it is released.
 
-        Raises ``SwapFailed`` when the new artifact does not verify, load or warm up: then
-        nothing changed and the old model keeps serving.
+        Raises ``SwapFailed`` (model_slot.py) when the new artifact does not verify, load or
+        warm up: then nothing changed and the old model keeps serving.
         """
-        artifact = Path(artifact_dir)
-        async with self._swap_lock:  # one swap at a time
-            old = self._model
+        slot = self._slot
+        async with slot.swap_lock:  # one swap at a time
+            old = slot.current
             if old is None or self._draining:
                 raise WrongState(
                     f"edge node {self.config.node_id} is not serving (not started or shutting "
                     "down); start it before swapping its model"
                 )
-            try:
-                version = read_manifest(artifact).model_version
-                if version == old.version:
-                    log.info("edge engine: already serving %s; nothing to swap", version)
-                    return
-                self._loading = version
-                new = await self._load(artifact)  # verifies every file's size and sha256
-                try:
-                    await asyncio.get_running_loop().run_in_executor(
-                        new.decode_pool, self._warm_up, new
-                    )
-                    if self._draining:
-                        raise Unavailable("the node began shutting down during the swap")
-                except BaseException:
-                    new.close()
-                    raise
-            except Exception as e:
-                log.error("swap to %s failed; still serving %s: %s", artifact, old.version, e)
-                raise SwapFailed(
-                    f"edge node {self.config.node_id} could not swap to {artifact}: {e}; "
-                    f"it keeps serving {old.version}"
-                ) from e
-            finally:
-                self._loading = None
+            new = await slot.prepare(Path(artifact_dir), old, lambda: self._draining)
+            if new is None:  # already serving that version
+                return
             # One assignment on the event loop thread: every request that starts from here on
             # pins the new model; those already running keep the old one.
-            self._model, self._info = new, new.info
-            self._retiring.add(old)
+            slot.switch(new)
             log.info(
                 "edge engine %s: switched %s -> %s; %d requests finishing on the old model",
                 self.config.node_id, old.version, new.version, old.users,
             )
-            await self._retire(old)
+            await slot.retire(old, self._end_requests_on)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         """Stream the completion; the last chunk carries finish_reason, usage and timings."""
@@ -333,9 +268,10 @@ class EdgeEngine:
                 f"edge node {self.config.node_id} is draining (shutting down); "
                 "send new requests to another backend"
             )
-        if self._model is None:
+        model = self._slot.current
+        if model is None:
             raise Unavailable(f"edge node {self.config.node_id} is loading its model; retry")
-        return self._model
+        return model
 
     def _pin(self) -> LoadedModel:
         """The model a new request runs on, held until ``_unpin`` (a swap drains it)."""
@@ -357,49 +293,14 @@ class EdgeEngine:
         tally.latencies_ms.append(latency_s * 1000)
         self._tokens_generated += tokens
 
-    async def _load(self, artifact: Path) -> LoadedModel:
-        """Verify and load an artifact off the event loop, with threads of its own."""
-        runtime = await asyncio.to_thread(EdgeRuntime.load, artifact, threads=self.config.threads)
-        tokenizer = await asyncio.to_thread(Tokenizer.from_dir, artifact)
-        eos_ok = tokenizer.eos_id in runtime.eos_token_ids
-        if tokenizer.bos_id != runtime.bos_token_id or not eos_ok:
-            raise ValueError(
-                f"{artifact}: tokenizer special ids (bos {tokenizer.bos_id}, eos "
-                f"{tokenizer.eos_id}) disagree with genai_config.json (bos "
-                f"{runtime.bos_token_id}, eos {runtime.eos_token_ids}); re-export the artifact"
-            )
-        slots = self.config.max_concurrency
-        return LoadedModel(
-            runtime,
-            tokenizer,
-            _engine_info(self.config, runtime.manifest, runtime.max_context),
-            ThreadPoolExecutor(2 * slots, thread_name_prefix="edge-decode"),
-            ThreadPoolExecutor(2, thread_name_prefix="edge-score"),
-            read_difficulty_threshold(artifact),
+    def _end_requests_on(self, old: LoadedModel) -> None:
+        """A swap's drain ran out of time: end the requests still pinned to ``old``."""
+        stuck = {seq for seq in self._active if seq.model is old}
+        log.warning(
+            "edge engine: %d requests still on %s after %.0f s; ending them",
+            len(stuck), old.version, self.config.swap_drain_s,
         )
-
-    @staticmethod
-    def _warm_up(model: LoadedModel) -> None:
-        """Worker thread: one short greedy generation on a model that takes no traffic yet."""
-        ids = model.tokenizer.encode(_WARMUP_PROMPT, add_bos=True)
-        for _ in model.runtime.generate(ids, 2):
-            pass
-
-    async def _retire(self, old: LoadedModel) -> None:
-        """Let the requests pinned to ``old`` finish (up to swap_drain_s), then release it."""
-        try:
-            await asyncio.wait_for(old.idle.wait(), self.config.swap_drain_s)
-        except TimeoutError:
-            stuck = {seq for seq in self._active if seq.model is old}
-            log.warning(
-                "edge engine: %d requests still on %s after %.0f s; ending them",
-                len(stuck), old.version, self.config.swap_drain_s,
-            )
-            self._end(stuck, Unavailable("the edge node replaced its model mid-request; retry"))
-        finally:
-            self._retiring.discard(old)
-            old.close()
-        log.info("edge engine %s: released %s", self.config.node_id, old.version)
+        self._end(stuck, Unavailable("the edge node replaced its model mid-request; retry"))
 
     @staticmethod
     def _end(sequences: set[EdgeSequence], err: TandemError) -> None:
@@ -421,17 +322,3 @@ class EdgeEngine:
             seq.model.decode_pool.submit(decode_worker, seq, loop)
         except RuntimeError:  # its pool closed: stop() or a swap's drain timeout
             raise Unavailable(f"edge node {self.config.node_id} is shutting down; retry") from None
-
-
-def read_difficulty_threshold(artifact: Path) -> float | None:
-    """The calibrated threshold an artifact carries (``calibration.json``), or None."""
-    try:
-        raw = json.loads((artifact / CALIBRATION_FILE).read_text())
-        value = float(raw["difficulty_threshold"])
-    except FileNotFoundError:
-        return None
-    except (ValueError, KeyError, TypeError) as e:
-        log.warning("%s: unreadable %s (%s); the router's threshold applies", artifact,
-                    CALIBRATION_FILE, e)
-        return None
-    return value if math.isfinite(value) else None

@@ -1,7 +1,7 @@
 """The control plane's commands: durations, join tokens, publish and versions in-process, and
 ``tandem cloud control serve`` as a real process that drains on SIGTERM.
 
-The commands are registered here on a parser of our own (``register_cloud``/``register_model``),
+The commands are registered here on a parser of our own (``register_cloud``/``register_versions``),
 exactly as ``tandem cloud`` and ``tandem model`` add them.
 """
 
@@ -24,7 +24,7 @@ from control.store import ControlStore
 from model.manifest import build_manifest, write_manifest
 from protos.tandem.v1 import control_pb2 as pb
 from protos.tandem.v1.control_pb2_grpc import ControlStub
-from tandem.commands import control_cmd
+from tandem.commands import control_cmd, model_cmd
 from tandem.commands.control_cmd import parse_duration
 
 ROOT = Path(__file__).parents[1]
@@ -45,7 +45,7 @@ def run(*argv: str) -> int:
     parser = argparse.ArgumentParser(prog="tandem")
     groups = parser.add_subparsers(dest="group", required=True)
     control_cmd.register_cloud(groups.add_parser("cloud").add_subparsers(dest="c", required=True))
-    control_cmd.register_model(groups.add_parser("model").add_subparsers(dest="c", required=True))
+    model_cmd.register_versions(groups.add_parser("model").add_subparsers(dest="c", required=True))
     args = parser.parse_args(argv)
     return int(args.func(args))
 

@@ -1,4 +1,7 @@
-"""``tandem model``: inspect, rebuild and export the model pair.
+"""``tandem model``: inspect, rebuild and export the model pair; publish edge versions.
+
+``publish`` and ``versions`` work on the control plane's data directory (``--data-dir``, as
+``tandem cloud control serve`` uses it).
 
 Heavy imports (torch, the exporter) happen inside each command so that ``tandem --help`` and
 commands of other groups stay fast.
@@ -12,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tandem.commands import control_cmd
+from tandem.commands.control_cmd import _data_dir, _data_dir_flag, _guarded, _when
 
 DEFAULT_DATA_DIR = Path("runs/demo-data")
 
@@ -48,7 +51,26 @@ def register(groups: Any) -> None:
     export.add_argument("--out", type=Path, required=True)
     export.add_argument("--quantization", choices=("int4", "int8", "fp32"), default="int4")
     export.set_defaults(func=cmd_export)
-    control_cmd.register_model(sub)
+    register_versions(sub)
+
+
+def register_versions(sub: Any) -> None:
+    """Add ``publish`` and ``versions`` to the ``tandem model`` subcommands."""
+    publish = sub.add_parser("publish", help="register an edge artifact as a signed version")
+    publish.add_argument("artifact", type=Path, metavar="DIR",
+                         help="edge artifact directory (from `tandem model export`)")
+    _data_dir_flag(publish)
+    publish.add_argument("--notes", default="", help="free text kept with the version")
+    publish.add_argument("--version", dest="model_version", default=None,
+                         help="publish under this version name (default: the manifest's)")
+    publish.add_argument("--make-current", action="store_true",
+                         help="serve it on every node now, without a canary rollout "
+                              "(the first version published becomes current anyway)")
+    publish.set_defaults(func=cmd_publish)
+    versions = sub.add_parser("versions", help="list published edge model versions")
+    _data_dir_flag(versions)
+    versions.add_argument("--json", action="store_true", help="machine-readable output")
+    versions.set_defaults(func=cmd_versions)
 
 
 def _pair_dir(arg: Path | None) -> Path:
@@ -145,4 +167,52 @@ def cmd_export(args: argparse.Namespace) -> int:
     size = sum(f.size for f in manifest.files)
     print(f"wrote {args.out}: {manifest.model_version} ({manifest.quantization}, "
           f"{size / 1e6:.1f} MB, {len(manifest.files)} files)")
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from control.datadir import ControlData
+    from control.publish import publish_model
+
+    def publish() -> int:
+        with ControlData.open(_data_dir(args)) as data:
+            record, created = publish_model(
+                data, args.artifact, notes=args.notes, model_version=args.model_version,
+                make_current=True if args.make_current else None)
+            current = data.store.current_version()
+        verb = "published" if created else "already published:"
+        print(f"{verb} {record.version} ({record.quantization}, {record.total_size / 1e6:.1f} "
+              f"MB), signed by {record.key_id}")
+        if current == record.version:
+            print("It is the fleet's current version: nodes move to it at their next heartbeat.")
+        else:
+            print(f"The fleet still serves {current}; a canary rollout sends it to nodes.")
+        return 0
+
+    return _guarded(publish)
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    from control.datadir import ControlData
+
+    with ControlData.open(_data_dir(args)) as data:
+        versions = data.store.versions()
+        current = data.store.current_version()
+    if args.json:
+        print(json.dumps([{
+            "version": v.version, "current": v.version == current, "created_at": v.created_at,
+            "quantization": v.quantization, "total_size": v.total_size,
+            "base_version": v.base_version, "parent_version": v.parent_version,
+            "key_id": v.key_id, "notes": v.notes,
+        } for v in versions], indent=2))
+        return 0
+    if not versions:
+        print("no versions published yet: `tandem model publish DIR`")
+        return 0
+    print(f"  {'VERSION':<36} {'CREATED':<20} {'QUANT':<6} {'SIZE':>9}  NOTES")
+    for v in versions:
+        mark = "*" if v.version == current else " "
+        print(f"{mark} {v.version:<36} {_when(v.created_at):<20} {v.quantization:<6} "
+              f"{v.total_size / 1e6:>7.1f}MB  {v.notes}")
+    print("(* the fleet's current version)")
     return 0

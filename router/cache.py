@@ -26,12 +26,12 @@ import hashlib
 import json
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
+from cachetools import LRUCache
 from redis.exceptions import RedisError
 
 from core.engine_api import FINISH_REASONS, Chunk, ServedBy, Usage
@@ -221,8 +221,11 @@ class ResponseCache:
         self.config = config or CacheConfig()
         self.clock = clock
         self.stats = CacheStats()
-        self._local: OrderedDict[str, _Local] = OrderedDict()
-        self._local_bytes = 0
+        # Least recently used out first; cachetools bounds the bytes, _remember the entries.
+        # An entry's own TTL stays in _Local: an expired entry still carries its pending hits
+        # to Redis, which a cache that forgets expired entries (TLRUCache) would lose.
+        self._local: LRUCache[str, _Local] = LRUCache(self.config.local_bytes,
+                                                      getsizeof=_entry_size)
         self._redis_back_at = 0.0  # clock() before which Redis is skipped
         self._down = False
         tiers = [x for h, t in self.config.ttl_tiers
@@ -240,12 +243,11 @@ class ResponseCache:
         pending = 0
         if entry is not None:
             if now < entry.expires_at:
-                self._local.move_to_end(key)
                 entry.pending_hits += 1
                 self.stats.local_hits += 1
                 return entry.answer
             pending = entry.pending_hits
-            self._drop(key)
+            del self._local[key]
         found = await self._redis_get(key, pending + 1)
         if found is None:
             self.stats.misses += 1
@@ -277,7 +279,11 @@ class ResponseCache:
     def clear_local(self) -> None:
         """Forget the in-process level (benchmarks; a router starting over)."""
         self._local.clear()
-        self._local_bytes = 0
+
+    @property
+    def _local_bytes(self) -> int:
+        """Serialized bytes held by the local level."""
+        return int(self._local.currsize)
 
     # -- Redis ---------------------------------------------------------------------------------
 
@@ -322,13 +328,12 @@ class ResponseCache:
         cfg = self.config
         if cfg.local_entries == 0 or size > cfg.local_bytes or ttl_s <= 0:
             return
-        if key in self._local:
-            self._drop(key)
-        self._local[key] = _Local(answer, size, self.clock() + ttl_s)
-        self._local_bytes += size
-        while len(self._local) > cfg.local_entries or self._local_bytes > cfg.local_bytes:
-            self._drop(next(iter(self._local)))
+        # Out first, so the new copy goes in as the most recent and evicts only others.
+        self._local.pop(key, None)
+        self._local[key] = _Local(answer, size, self.clock() + ttl_s)  # evicts to fit bytes
+        while len(self._local) > cfg.local_entries:
+            self._local.popitem()
 
-    def _drop(self, key: str) -> None:
-        entry = self._local.pop(key)
-        self._local_bytes -= entry.size
+
+def _entry_size(entry: _Local) -> int:
+    return entry.size

@@ -18,13 +18,13 @@ import asyncio
 import logging
 import re
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from cachetools import FIFOCache
 from redis.exceptions import RedisError, WatchError
 
 from core import tokens
@@ -132,7 +132,11 @@ class KeyStore:
         self.redis = redis
         self.config = config or AuthConfig()
         self.clock = clock
-        self._verified: OrderedDict[str, _Verified] = OrderedDict()
+        # Oldest Redis confirmation out first: a hit within cache_ttl_s keeps its place (it
+        # asked Redis nothing), a re-verify moves the key to the back: FIFOCache's order. Not
+        # a TTLCache: one entry has two ages (fresh within cache_ttl_s, usable within
+        # max_stale_s while Redis is down), both measured from _Verified.at.
+        self._verified: FIFOCache[str, _Verified] = FIFOCache(self.config.cache_entries)
         self._down = False  # Redis failed last time: log once per outage, not per request
         self._redis_back_at = float("-inf")  # clock() before which Redis is not asked
 
@@ -253,8 +257,5 @@ class KeyStore:
 
     def _remember(self, key_id: str, entry: _Verified) -> None:
         if self.config.cache_entries == 0:
-            return
-        self._verified[key_id] = entry
-        self._verified.move_to_end(key_id)
-        while len(self._verified) > self.config.cache_entries:
-            self._verified.popitem(last=False)
+            return  # FIFOCache(0) refuses every entry
+        self._verified[key_id] = entry  # evicts the oldest when full

@@ -25,7 +25,7 @@ from model.manifest import build_manifest, write_manifest
 from protos.tandem.v1 import control_pb2 as pb
 from protos.tandem.v1.control_pb2_grpc import ControlStub
 from tandem.commands import control_cmd, model_cmd
-from tandem.commands.control_cmd import parse_duration
+from tandem.commands.flags import parse_duration
 
 ROOT = Path(__file__).parents[1]
 # The same wiring as tandem/cli.py, for a child process.

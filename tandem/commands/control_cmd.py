@@ -11,43 +11,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tandem.commands.flags import add_metrics_flags
+from tandem.commands.control_dir import ago, data_dir, data_dir_flag, guarded, when
+from tandem.commands.flags import add_metrics_flags, parse_duration
 
 # Beside the cloud tier's 50051; edge nodes and their installers dial it.
 DEFAULT_PORT = 50052
 # Off the ports the cloud tier (9191) and edge nodes (9192) export metrics on.
 METRICS_PORT = 9193
-_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 
 
-def parse_duration(text: str) -> float:
-    """Seconds in ``30s``, ``30m``, ``1h``, ``2d`` or a plain number of seconds."""
-    match = _DURATION.match(text)
-    if match is None or float(match.group(1)) <= 0:
-        raise argparse.ArgumentTypeError(
-            f"duration must be a positive number with an optional unit s, m, h or d "
-            f"(e.g. 30m, 1h, 2d), got {text!r}")
-    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
 
 
-def _data_dir_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
-                        help="the control plane's data directory (env TANDEM_CONTROL_DIR, "
-                             "default ~/.tandem/control)")
 
 
-def _data_dir(args: argparse.Namespace) -> Path:
-    from control.datadir import default_data_dir
-
-    return args.data_dir.expanduser() if args.data_dir is not None else default_data_dir()
 
 
 def register_cloud(sub: Any) -> None:
@@ -56,7 +36,7 @@ def register_cloud(sub: Any) -> None:
     control_sub = control.add_subparsers(dest="control_command", metavar="ACTION",
                                          required=True)
     serve = control_sub.add_parser("serve", help="serve enrollment, heartbeats and artifacts")
-    _data_dir_flag(serve)
+    data_dir_flag(serve)
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (0.0.0.0 for edge nodes on other hosts)")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT)
@@ -101,7 +81,7 @@ def register_cloud(sub: Any) -> None:
     token_sub = token.add_subparsers(dest="token_command", metavar="ACTION", required=True)
     create = token_sub.add_parser("create", help="make a single-use join token, or a router "
                                                  "token with --router (shown once)")
-    _data_dir_flag(create)
+    data_dir_flag(create)
     create.add_argument("--ttl", type=parse_duration, default=3600.0, metavar="DURATION",
                         help="how long the join token stays valid: 30m, 1h, 2d (default 1h)")
     create.add_argument("--router", action="store_true",
@@ -111,46 +91,23 @@ def register_cloud(sub: Any) -> None:
     create.set_defaults(func=cmd_token_create)
     listing = token_sub.add_parser("list", help="show join and router tokens (never their "
                                                 "secrets)")
-    _data_dir_flag(listing)
+    data_dir_flag(listing)
     listing.set_defaults(func=cmd_token_list)
     revoke = token_sub.add_parser("revoke", help="revoke a router token")
     revoke.add_argument("token_id", metavar="TOKEN_ID", help="as `tandem cloud token list` shows")
-    _data_dir_flag(revoke)
+    data_dir_flag(revoke)
     revoke.set_defaults(func=cmd_token_revoke)
 
     nodes = sub.add_parser("nodes", help="show enrolled edge nodes and what they serve")
-    _data_dir_flag(nodes)
+    data_dir_flag(nodes)
     nodes.add_argument("--json", action="store_true", help="machine-readable output")
     nodes.set_defaults(func=cmd_nodes)
 
 
-def _guarded(action: Callable[[], int]) -> int:
-    """Run ``action``; a typed error becomes one line on stderr and exit status 1."""
-    from core.errors import TandemError
-    from model.manifest import ArtifactIntegrityError
-
-    try:
-        return action()
-    except TandemError as e:
-        print(f"tandem: error: {e.message}", file=sys.stderr)
-        return 1
-    except ArtifactIntegrityError as e:
-        print(f"tandem: error: {e}", file=sys.stderr)
-        return 1
 
 
-def _when(ts: float | None) -> str:
-    return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
-def _ago(ts: float | None, now: float) -> str:
-    if ts is None:
-        return "never"
-    seconds = max(0.0, now - ts)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.0f}{unit} ago"
-    return f"{seconds:.0f}s ago"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -161,7 +118,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from core.metrics import MetricsConfig
 
     config = ControlConfig(
-        data_dir=_data_dir(args),
+        data_dir=data_dir(args),
         server=ServerConfig(host=args.host, port=args.port, grace_s=args.grace),
         heartbeat_interval_s=args.heartbeat_interval,
         metrics=MetricsConfig.from_flags(args.metrics_port, METRICS_PORT, args.no_metrics),
@@ -196,7 +153,7 @@ def _superlink_config(args: argparse.Namespace) -> Any:
         return None
     tls = FlowerTls(ca_cert=args.fed_ca_cert, server_cert=args.fed_cert,
                     server_key=args.fed_key, supernode_auth=args.fed_node_auth)
-    return SuperLinkConfig(state_dir=_data_dir(args).resolve() / "flower" / "superlink",
+    return SuperLinkConfig(state_dir=data_dir(args).resolve() / "flower" / "superlink",
                            host=args.superlink_host or args.host, port=args.superlink_port,
                            tls=tls)
 
@@ -207,12 +164,12 @@ def cmd_token_create(args: argparse.Namespace) -> int:
 
     if args.router:
         return _router_token_create(args)
-    with ControlData.open(_data_dir(args)) as data:
+    with ControlData.open(data_dir(args)) as data:
         token = data.store.create_join_token(args.ttl, note=args.note)
     parsed = parse_join_token(token)
     token_id = parsed[0] if parsed else "?"
     print(f"join token: {token}")
-    print(f"token id:   {token_id}   expires {_when(time.time() + args.ttl)} "
+    print(f"token id:   {token_id}   expires {when(time.time() + args.ttl)} "
           f"(single use)")
     print("It is shown once and cannot be recovered. On the new edge node run:")
     print(f"  tandem edge install --cloud CONTROL_HOST:{DEFAULT_PORT} --token {token}")
@@ -222,7 +179,7 @@ def cmd_token_create(args: argparse.Namespace) -> int:
 def _router_token_create(args: argparse.Namespace) -> int:
     from control.router_tokens import RouterTokens
 
-    root = _data_dir(args)
+    root = data_dir(args)
     token = RouterTokens(root).create(note=args.note)
     print(f"router token: {token}")
     print("It is shown once and cannot be recovered; it stays valid until "
@@ -236,21 +193,21 @@ def cmd_token_list(args: argparse.Namespace) -> int:
     from control.datadir import ControlData
     from control.router_tokens import RouterTokens
 
-    with ControlData.open(_data_dir(args)) as data:
+    with ControlData.open(data_dir(args)) as data:
         tokens = data.store.join_tokens()
-    routers = RouterTokens(_data_dir(args)).tokens()
+    routers = RouterTokens(data_dir(args)).tokens()
     now = time.time()
     print(f"{'TOKEN ID':<18} {'KIND':<7} {'CREATED':<20} {'STATE':<34} NOTE")
     for t in tokens:
         if t.used_at is not None:
-            state = f"used by {t.used_by} {_ago(t.used_at, now)}"
+            state = f"used by {t.used_by} {ago(t.used_at, now)}"
         elif t.expires_at <= now:
             state = "expired"
         else:
-            state = f"valid until {_when(t.expires_at)}"
-        print(f"{t.token_id:<18} {'join':<7} {_when(t.created_at):<20} {state:<34} {t.note}")
+            state = f"valid until {when(t.expires_at)}"
+        print(f"{t.token_id:<18} {'join':<7} {when(t.created_at):<20} {state:<34} {t.note}")
     for r in routers:
-        print(f"{r.token_id:<18} {'router':<7} {_when(r.created_at):<20} "
+        print(f"{r.token_id:<18} {'router':<7} {when(r.created_at):<20} "
               f"{'valid until revoked':<34} {r.note}")
     return 0
 
@@ -259,12 +216,12 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
     from control.router_tokens import RouterTokens
 
     def revoke() -> int:
-        RouterTokens(_data_dir(args)).revoke(args.token_id)
+        RouterTokens(data_dir(args)).revoke(args.token_id)
         print(f"revoked router token {args.token_id}: routers using it are refused from their "
               "next poll")
         return 0
 
-    return _guarded(revoke)
+    return guarded(revoke)
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:
@@ -272,7 +229,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 
     from control.datadir import ControlData
 
-    with ControlData.open(_data_dir(args)) as data:
+    with ControlData.open(data_dir(args)) as data:
         nodes = data.store.nodes()
     if args.json:
         print(json.dumps([asdict(n) for n in nodes], indent=2))
@@ -282,5 +239,5 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     for n in nodes:
         health = "healthy" if n.healthy else "unhealthy"
         print(f"{n.node_id:<16} {n.inference_address:<22} {n.served_version or '-':<30} "
-              f"{n.desired_version or '-':<30} {health:<9} {_ago(n.last_heartbeat, now)}")
+              f"{n.desired_version or '-':<30} {health:<9} {ago(n.last_heartbeat, now)}")
     return 0

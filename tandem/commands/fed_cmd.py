@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tandem.commands.control_cmd import _data_dir, _data_dir_flag, parse_duration
+from tandem.commands.control_dir import data_dir, data_dir_flag
+from tandem.commands.flags import parse_duration
 
 
 def register(groups: Any) -> None:
@@ -41,14 +42,14 @@ def register(groups: Any) -> None:
     run.add_argument("--detach", action="store_true", help="submit and return at once")
     run.add_argument("--deadline", type=parse_duration, default=3600.0, metavar="DURATION",
                      help="stop the run when it takes longer (default 1h)")
-    _data_dir_flag(run)
+    data_dir_flag(run)
     run.set_defaults(func=cmd_run)
 
     status = sub.add_parser("status", help="rounds, nodes, losses and bytes of runs")
     status.add_argument("run_id", nargs="?", type=int, default=None, metavar="RUN_ID",
                         help="one run in detail (default: the latest)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    _data_dir_flag(status)
+    data_dir_flag(status)
     status.set_defaults(func=cmd_status)
 
     register = sub.add_parser(
@@ -59,7 +60,7 @@ def register(groups: Any) -> None:
     register.add_argument("--name", default="", help="how Flower lists the node")
     register.add_argument("--superlink", default=None, metavar="HOST:PORT")
     register.add_argument("--root-cert", type=Path, default=None)
-    _data_dir_flag(register)
+    data_dir_flag(register)
     register.set_defaults(func=cmd_register)
 
     site = sub.add_parser("site", help="fill a site's data directory from the demo corpus")
@@ -106,7 +107,7 @@ def base_checkpoint(control_dir: Path, given: Path | None) -> Path:
 def cmd_run(args: argparse.Namespace) -> int:
     from federation.runner import parse_override, runs_dir, wait_for_run
 
-    control_dir = _data_dir(args).resolve()
+    control_dir = data_dir(args).resolve()
     config: dict[str, Any] = {"num-server-rounds": args.rounds}
     config.update(parse_override(o) for o in args.overrides)
     config.update({
@@ -189,7 +190,7 @@ def _print_result(status: dict[str, Any]) -> None:
 def cmd_status(args: argparse.Namespace) -> int:
     from federation.runner import all_statuses, run_status
 
-    control_dir = _data_dir(args)
+    control_dir = data_dir(args)
     if args.run_id is not None:
         status = run_status(control_dir, args.run_id)
         if status is None:
@@ -226,7 +227,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    control_dir = _data_dir(args).resolve()
+    control_dir = data_dir(args).resolve()
     out = _cli(args, control_dir).register_supernode(args.public_key, args.name)
     print(f"registered {args.public_key} ({out.get('node-id', 'pending')}); the node joins "
           "with its private key")

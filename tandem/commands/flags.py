@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 
 def add_metrics_flags(parser: argparse.ArgumentParser, default_port: int) -> None:
@@ -11,3 +12,17 @@ def add_metrics_flags(parser: argparse.ArgumentParser, default_port: int) -> Non
                         help=f"Prometheus /metrics port on --host (default {default_port}, or "
                              "any free port if it is taken; 0: any free port)")
     parser.add_argument("--no-metrics", action="store_true", help="export no metrics")
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``30s``, ``30m``, ``1h``, ``2d`` or a plain number of seconds."""
+    match = _DURATION.match(text)
+    if match is None or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"duration must be a positive number with an optional unit s, m, h or d "
+            f"(e.g. 30m, 1h, 2d), got {text!r}")
+    return float(match.group(1)) * _UNITS[match.group(2) or "s"]

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tandem.commands.control_cmd import _data_dir, _data_dir_flag, _guarded, _when
+from tandem.commands.control_dir import data_dir, data_dir_flag, guarded, when
 
 DEFAULT_DATA_DIR = Path("runs/demo-data")
 
@@ -59,7 +59,7 @@ def register_versions(sub: Any) -> None:
     publish = sub.add_parser("publish", help="register an edge artifact as a signed version")
     publish.add_argument("artifact", type=Path, metavar="DIR",
                          help="edge artifact directory (from `tandem model export`)")
-    _data_dir_flag(publish)
+    data_dir_flag(publish)
     publish.add_argument("--notes", default="", help="free text kept with the version")
     publish.add_argument("--version", dest="model_version", default=None,
                          help="publish under this version name (default: the manifest's)")
@@ -68,7 +68,7 @@ def register_versions(sub: Any) -> None:
                               "(the first version published becomes current anyway)")
     publish.set_defaults(func=cmd_publish)
     versions = sub.add_parser("versions", help="list published edge model versions")
-    _data_dir_flag(versions)
+    data_dir_flag(versions)
     versions.add_argument("--json", action="store_true", help="machine-readable output")
     versions.set_defaults(func=cmd_versions)
 
@@ -175,7 +175,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     from control.publish import publish_model
 
     def publish() -> int:
-        with ControlData.open(_data_dir(args)) as data:
+        with ControlData.open(data_dir(args)) as data:
             record, created = publish_model(
                 data, args.artifact, notes=args.notes, model_version=args.model_version,
                 make_current=True if args.make_current else None)
@@ -189,13 +189,13 @@ def cmd_publish(args: argparse.Namespace) -> int:
             print(f"The fleet still serves {current}; a canary rollout sends it to nodes.")
         return 0
 
-    return _guarded(publish)
+    return guarded(publish)
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
     from control.datadir import ControlData
 
-    with ControlData.open(_data_dir(args)) as data:
+    with ControlData.open(data_dir(args)) as data:
         versions = data.store.versions()
         current = data.store.current_version()
     if args.json:
@@ -212,7 +212,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
     print(f"  {'VERSION':<36} {'CREATED':<20} {'QUANT':<6} {'SIZE':>9}  NOTES")
     for v in versions:
         mark = "*" if v.version == current else " "
-        print(f"{mark} {v.version:<36} {_when(v.created_at):<20} {v.quantization:<6} "
+        print(f"{mark} {v.version:<36} {when(v.created_at):<20} {v.quantization:<6} "
               f"{v.total_size / 1e6:>7.1f}MB  {v.notes}")
     print("(* the fleet's current version)")
     return 0

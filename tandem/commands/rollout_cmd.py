@@ -17,7 +17,7 @@ from dataclasses import asdict
 from typing import Any
 
 # Shared with the other control-plane commands: one notion of data directory and of errors.
-from tandem.commands.control_cmd import _ago, _data_dir, _data_dir_flag, _guarded, _when
+from tandem.commands.control_dir import ago, data_dir, data_dir_flag, guarded, when
 
 
 def register(groups: Any) -> None:
@@ -29,17 +29,17 @@ def register(groups: Any) -> None:
     start.add_argument("--fraction", type=float, default=None,
                        help="share of live nodes to canary, rounded up, at least one "
                             "(default 0.2)")
-    _data_dir_flag(start)
+    data_dir_flag(start)
     start.set_defaults(func=cmd_start)
     status = sub.add_parser("status", help="the rollout in canary: canaries, numbers, verdict")
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    _data_dir_flag(status)
+    data_dir_flag(status)
     status.set_defaults(func=cmd_status)
     for name, verb in (("promote", "move every node to the canary version now"),
                        ("abort", "end the rollout; canaries return to the fleet's version")):
         action = sub.add_parser(name, help=verb)
         action.add_argument("--reason", default="", help="kept with the decision")
-        _data_dir_flag(action)
+        data_dir_flag(action)
         action.set_defaults(func=cmd_decide, decision=name)
 
 
@@ -48,7 +48,7 @@ def _controller(args: argparse.Namespace) -> Any:
     from control.datadir import ControlData
     from control.rollout import RolloutConfig, RolloutController
 
-    root = _data_dir(args)
+    root = data_dir(args)
     data = ControlData.open(root)
     return data, RolloutController(data.store, RolloutConfig.load(root))
 
@@ -66,7 +66,7 @@ def cmd_start(args: argparse.Namespace) -> int:
               "on its own.")
         return 0
 
-    return _guarded(start)
+    return guarded(start)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -88,11 +88,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("no rollout in canary")
         if last is not None:
             print(f"last: rollout {last.rollout_id} of {last.version} {last.state} "
-                  f"{_ago(last.decided_at, now)}: {last.reason}")
+                  f"{ago(last.decided_at, now)}: {last.reason}")
         return 0
     print(f"rollout {rollout.rollout_id}: {rollout.version} replacing "
-          f"{rollout.previous_version or 'nothing'}, started {_when(rollout.started_at)} "
-          f"({_ago(rollout.started_at, now)})")
+          f"{rollout.previous_version or 'nothing'}, started {when(rollout.started_at)} "
+          f"({ago(rollout.started_at, now)})")
     print(f"canaries: {', '.join(rollout.canary_node_ids)} (fraction {rollout.fraction:g})")
     print(f"\n{'SIDE':<9} {'VERSION':<28} {'REQUESTS':>8} {'ERRORS':>7} {'ESCAL.':>7} "
           f"{'P50 ms':>7} {'P99 ms':>7}  NODES")
@@ -123,4 +123,4 @@ def cmd_decide(args: argparse.Namespace) -> int:
         print(f"reason: {rollout.reason}")
         return 0
 
-    return _guarded(decide)
+    return guarded(decide)

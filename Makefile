@@ -18,8 +18,10 @@ test: lint
 test-fast:
 	$(PYTHON) -m pytest -q -m "not slow"
 
+# mypy reads its packages and strictness from pyproject.toml's [tool.mypy].
 lint:
 	$(PYTHON) -m ruff check .
+	$(PYTHON) -m mypy
 
 format:
 	$(PYTHON) -m ruff format .

@@ -45,7 +45,8 @@ def decode_step(
 
 
 def _run_layer(layer: nn.Module, *args: object) -> Tensor:
-    return layer(*args)
+    out: Tensor = layer(*args)  # Module.__call__ is typed Any
+    return out
 
 
 class CompiledDecodeStep:

@@ -88,7 +88,7 @@ class DecodeGraphs:
         self._staging = torch.zeros((2, max_batch), dtype=torch.long, pin_memory=pin)
         self._staging_np = self._staging.numpy()
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
-        self._pool: object | None = None
+        self._pool: torch.cuda._POOL_HANDLE | None = None  # graph.pool()'s type
 
     @property
     def captured(self) -> list[tuple[int, int]]:
@@ -152,7 +152,7 @@ class DecodeGraphs:
         # The warm-up writes the same keys and values the replay writes next: harmless.
         # A new compile (first B == 1 or B >= 2 bucket) happens in this warm-up run too.
         start = time.monotonic()
-        side = torch.cuda.Stream(self.device)
+        side = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]  # torch: unannotated
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             try:

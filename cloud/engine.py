@@ -162,6 +162,10 @@ class CloudEngine:
             )
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Chunk | Exception] = asyncio.Queue()
+
+        def emit(item: Chunk | Exception) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
         seq = _Sequence(
             request=request,
             prompt_ids=ids,
@@ -170,7 +174,7 @@ class CloudEngine:
             top_p=request.top_p,
             seed=request.seed,
             stream=TextStream(self.tokenizer, request.stop),
-            emit=lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),
+            emit=emit,
             arrival=time.monotonic(),
         )
         self.scheduler.submit(seq)  # Overloaded / Unavailable propagate to the servicer
@@ -262,6 +266,7 @@ class CloudEngine:
     def _append(self, seq: _Sequence, token: int, now: float) -> bool:
         """Stream one new token (already in ``seq.generated``); True when the sequence ends."""
         finish: str | None = None
+        ids: tuple[int, ...]
         if token == self.eos_id:
             finish, text, ids = "eos", seq.stream.finish(), ()
         else:

@@ -81,7 +81,7 @@ def chunk_to_proto(
     if first or last:
         msg.served_by.CopyFrom(served_by_to_proto(served_by))
         msg.route_reason = route_reason
-    if last:
+    if chunk.finish_reason is not None:
         msg.finish_reason = FINISH_VALUES[chunk.finish_reason]
         if chunk.usage:
             msg.usage.CopyFrom(_usage(chunk.usage))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry
@@ -34,7 +35,7 @@ QUEUE_CAPACITY_KEY = "tandem-queue-capacity"
 async def parse_request(
     msg: pb.GenerateRequest | Undecodable,
     limits: Limits,
-    context: grpc.aio.ServicerContext,
+    context: grpc.aio.ServicerContext[Any, Any],
     trailers: Callable[[], Sequence[tuple[str, str]]],
 ) -> GenerationRequest:
     """The validated request with the client's deadline, or the RPC ends INVALID_ARGUMENT."""
@@ -71,12 +72,14 @@ class EngineServicer:
         )
 
     async def _request(
-        self, msg: pb.GenerateRequest | Undecodable, context: grpc.aio.ServicerContext
+        self, msg: pb.GenerateRequest | Undecodable,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> GenerationRequest:
         return await parse_request(msg, self.limits, context, self.load_trailers)
 
     async def Generate(
-        self, request: pb.GenerateRequest | Undecodable, context: grpc.aio.ServicerContext
+        self, request: pb.GenerateRequest | Undecodable,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> pb.GenerateResponse:
         with self.metrics.track("Generate", context) as rpc:
             req = await self._request(request, context)
@@ -98,7 +101,8 @@ class EngineServicer:
             )
 
     async def GenerateStream(
-        self, request: pb.GenerateRequest | Undecodable, context: grpc.aio.ServicerContext
+        self, request: pb.GenerateRequest | Undecodable,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.GenerateChunk]:
         with self.metrics.track("GenerateStream", context) as rpc:
             req = await self._request(request, context)
@@ -118,7 +122,8 @@ class EngineServicer:
             context.set_trailing_metadata(self.load_trailers())
 
     async def Score(
-        self, request: pb.ScoreRequest | Undecodable, context: grpc.aio.ServicerContext
+        self, request: pb.ScoreRequest | Undecodable,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> pb.ScoreResponse:
         with self.metrics.track("Score", context):
             try:
@@ -141,7 +146,8 @@ class EngineServicer:
             )
 
     async def Info(
-        self, request: pb.InfoRequest | Undecodable, context: grpc.aio.ServicerContext
+        self, request: pb.InfoRequest | Undecodable,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> pb.InfoResponse:
         with self.metrics.track("Info", context):
             context.set_trailing_metadata(self.load_trailers())

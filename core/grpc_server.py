@@ -105,8 +105,10 @@ def build_server(
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     # grpc's servicer reports "" as SERVING from the start; nothing is ready before warm-up.
+    # set() is async and this runs before the loop serves; the stubs omit the private map.
     for name in ("", *services):
-        health._server_status[name] = health_pb2.HealthCheckResponse.NOT_SERVING
+        health._server_status[name] = (  # type: ignore[attr-defined]
+            health_pb2.HealthCheckResponse.NOT_SERVING)
     port = server.add_insecure_port(config.address)
     if port == 0:
         raise OSError(f"could not bind {config.address}")
@@ -128,7 +130,7 @@ def status_code(err: TandemError) -> grpc.StatusCode:
 
 
 async def abort(
-    context: grpc.aio.ServicerContext,
+    context: grpc.aio.ServicerContext[Any, Any],
     err: TandemError,
     trailers: Sequence[tuple[str, str]] = (),
 ) -> NoReturn:

@@ -49,11 +49,12 @@ class ManagedProcess:
 
     def start(self) -> ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        cpus = self.cpus
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(
                 list(self.argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, env={**os.environ, **(self.env or {})},
-                preexec_fn=(lambda: os.sched_setaffinity(0, self.cpus)) if self.cpus else None,
+                preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
             )
         log.info("started %s (pid %d), log %s", self.name, self.proc.pid, self.log_path)
         return self
@@ -81,7 +82,9 @@ class ManagedProcess:
                         f" before it was healthy; its log ({self.log_path}):\n{self.log_tail()}"
                     )
                 try:
-                    resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
+                    # types-grpcio-health-checking declares HealthStub without its methods.
+                    resp = stub.Check(  # type: ignore[attr-defined]
+                        health_pb2.HealthCheckRequest(service=service), timeout=1.0)
                     if resp.status == health_pb2.HealthCheckResponse.SERVING:
                         return
                 except grpc.RpcError:

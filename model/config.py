@@ -114,7 +114,8 @@ class ModelArgs:
                 f"model_type {model_type!r} is not supported; supported: {sorted(ARCHITECTURES)}"
             )
         # transformers 5 nests rope settings in "rope_parameters"; 4.x uses top-level keys.
-        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        # Typed keys: with dict[Any, Any] the outer get() picks its default=None overload.
+        rope: dict[str, Any] = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
         theta = float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0)))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         scaling = None

@@ -270,6 +270,7 @@ class Transformer(nn.Module):
         save a checkpoint from an unfused model.
         """
         for layer in self.model.layers:
+            assert isinstance(layer, DecoderLayer)  # ModuleList hands out plain Modules
             layer.self_attn.fuse()
             layer.mlp.fuse()
 

@@ -3,11 +3,15 @@
 A byte-level BPE (model/tokenizer.py) trained on the demo corpus's train split, the "micro"
 preset of our Transformer trained briefly with model/train.py so that greedy decoding has clear
 winners and perplexity means something, saved with model/checkpoint.py and exported with
-model/export.py. Each is built once per session, on first use.
+model/export.py; and the shipped demo edge model exported as int4, which the edge, control and
+discovery tests serve. Each is built once per session, on first use.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.checkpoint import save_checkpoint
+from model.checkpoint import checkpoint_version, save_checkpoint
 from model.config import ModelArgs
 from model.corpus import load_corpus
+from model.demo import DEMO_DIR
 from model.export import export_edge_artifact
-from model.manifest import Manifest
+from model.manifest import Manifest, read_manifest, verify_artifact, write_manifest
 from model.tokenizer import Tokenizer, train_bpe_tokenizer
 from model.train import TrainConfig, init_weights, pack_documents, train
 from model.transformer import Transformer
@@ -134,6 +139,38 @@ def micro_artifacts(
         }
         manifests = {key: f.result() for key, f in futures.items()}
     return MicroArtifacts(root, MICRO_BASE_VERSION, checkpoints, manifests)
+
+
+@pytest.fixture(scope="session")
+def demo_edge_int4(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The shipped demo edge model exported as int4 (~8 s), shared by every module: read only.
+
+    A test that changes files works on ``demo_edge_int4_copy``; teardown fails if one did not.
+    """
+    checkpoint = DEMO_DIR / "edge"
+    out = tmp_path_factory.mktemp("demo-edge") / "demo-edge-int4"
+    manifest = export_edge_artifact(checkpoint, out, "int4", checkpoint_version(checkpoint))
+    yield out
+    assert read_manifest(out) == manifest, f"a test rewrote {out}/manifest.json: copy it first"
+    verify_artifact(out, manifest)  # raises naming the files a test changed, added or removed
+
+
+@pytest.fixture(scope="session")
+def demo_edge_int4_copy(demo_edge_int4: Path) -> Callable[[Path, str | None], Path]:
+    """``copy(dest, model_version)``: a private copy of ``demo_edge_int4`` at ``dest``.
+
+    With a ``model_version`` the copy is that version (only manifest.json differs), as if
+    exported with ``export_edge_artifact(..., model_version=...)``.
+    """
+    manifest = read_manifest(demo_edge_int4)
+
+    def copy(dest: Path, model_version: str | None = None) -> Path:
+        shutil.copytree(demo_edge_int4, dest)
+        if model_version is not None:
+            write_manifest(dest, dataclasses.replace(manifest, model_version=model_version))
+        return dest
+
+    return copy
 
 
 class Clock:

@@ -1,7 +1,7 @@
 """The control plane over real gRPC: a grpc.aio server on port 0 over a real SQLite database and
-artifact store in a temporary directory, serving the shipped demo edge model exported once per
-module as an int4 artifact (about 8 s). Downloads use 64 KiB chunks so that a file spans many
-and can be cut off halfway.
+artifact store in a temporary directory, serving the shipped demo edge model exported as int4
+once per session (``demo_edge_int4`` in conftest.py). Downloads use 64 KiB chunks so that a file
+spans many and can be cut off halfway.
 """
 
 from __future__ import annotations
@@ -21,9 +21,6 @@ from control.publish import publish_model
 from control.server import ControlServer, start_control_server
 from control.servicer import CONTROL_SERVICE
 from core.grpc_server import ServerConfig
-from model.checkpoint import checkpoint_version
-from model.demo import DEMO_DIR
-from model.export import export_edge_artifact
 from model.manifest import (
     MANIFEST_NAME,
     ArtifactIntegrityError,
@@ -45,11 +42,9 @@ def auth(credential: str) -> Metadata:
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("control") / "demo-edge-int4"
-    checkpoint = DEMO_DIR / "edge"
-    export_edge_artifact(checkpoint, out, "int4", base_version=checkpoint_version(checkpoint))
-    return out
+def artifact(demo_edge_int4: Path) -> Path:
+    """The session's shared export: read only (copy it to change files)."""
+    return demo_edge_int4
 
 
 @dataclass

@@ -2,8 +2,9 @@
 artifact store in a temporary directory): install, re-install, resumable and verified downloads,
 and ``tandem edge run`` swapping models under load, as real processes where it matters.
 
-The shipped demo edge model is exported once as int4 (about 7 s); a second version is the same
-artifact with one file changed, so both load and swap like any two versions would.
+The shipped demo edge model is exported once per session as int4 (``demo_edge_int4`` in
+conftest.py); V1 is a copy of it under its own name, V2 the same artifact with one file changed,
+so both load and swap like any two versions would.
 """
 
 from __future__ import annotations
@@ -36,23 +37,20 @@ from edge.agent.install import install
 from edge.agent.loop import EdgeAgent
 from edge.engine import EdgeEngine, EdgeEngineConfig
 from edge.server import EdgeServerConfig, start_edge_server
-from model.checkpoint import checkpoint_version
-from model.export import export_edge_artifact
 from model.manifest import build_manifest, read_manifest, verify_artifact, write_manifest
 from protos.tandem.v1 import inference_pb2 as pb
 from protos.tandem.v1.inference_pb2_grpc import InferenceStub
 
-EDGE_CHECKPOINT = Path(__file__).parents[1] / "model" / "demo_pair" / "edge"
 V1, V2 = "agent-v1", "agent-v2"
 CHUNK = 64 * 1024  # small chunks: a download of the 5.9 MB weights takes ~90 of them
 TIMEOUT = 30.0
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def artifacts(tmp_path_factory: pytest.TempPathFactory,
+              demo_edge_int4_copy: Callable[[Path, str], Path]) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("agent-artifacts")
-    export_edge_artifact(EDGE_CHECKPOINT, root / V1, "int4",
-                         base_version=checkpoint_version(EDGE_CHECKPOINT), model_version=V1)
+    demo_edge_int4_copy(root / V1, V1)
     shutil.copytree(root / V1, root / V2)
     with open(root / V2 / "tokenizer_config.json", "a") as fh:
         fh.write("\n")  # still the same JSON; another sha256, so another blob to fetch

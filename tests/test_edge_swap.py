@@ -1,8 +1,9 @@
 """Hot swap of an edge node's model over real gRPC: no request fails, none mixes versions.
 
-The shipped demo edge model is exported twice (int4 and int8, each with its own model_version,
-about 8 s together); a grpc.aio edge server on port 0 serves one while client streams run in a
-loop and ``EdgeEngine.swap_to`` switches it to the other and back.
+The shipped demo edge model in two versions, each with its own model_version: the session's int4
+export (``demo_edge_int4`` in conftest.py) copied, and an int8 export (about 5 s). A grpc.aio edge
+server on port 0 serves one while client streams run in a loop and ``EdgeEngine.swap_to``
+switches it to the other and back.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import shutil
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,18 +40,12 @@ TIMEOUT = 30.0
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def artifacts(tmp_path_factory: pytest.TempPathFactory,
+              demo_edge_int4_copy: Callable[[Path, str], Path]) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("swap")
-    base = checkpoint_version(EDGE_CHECKPOINT)
-    # Each export is a builder subprocess: two at a time use both cores.
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = [
-            pool.submit(export_edge_artifact, EDGE_CHECKPOINT, root / version, quantization,
-                        base, model_version=version)
-            for version, quantization in ((OLD, "int4"), (NEW, "int8"))
-        ]
-        for future in futures:
-            future.result()
+    demo_edge_int4_copy(root / OLD, OLD)
+    export_edge_artifact(EDGE_CHECKPOINT, root / NEW, "int8",
+                         checkpoint_version(EDGE_CHECKPOINT), model_version=NEW)
     return {OLD: root / OLD, NEW: root / NEW}
 
 

@@ -60,9 +60,10 @@ def test_redis_server_starts_and_stops_fast(tmp_path: Path) -> None:
         sync = redis.Redis.from_url(server.url)
         assert sync.ping() and sync.config_get("save") == {"save": ""}
         sync.close()
-        started = time.monotonic()
     assert server.proc is not None and server.proc.returncode == 0  # SIGTERM: a clean exit
-    assert time.monotonic() - started < 2.0
+    # Stopped by the signal (milliseconds), not a client SHUTDOWN (seconds of redis-py retries),
+    # and it exited on it: not the SIGKILL that follows a stop timeout (returncode -9).
+    assert "Received SIGTERM" in server.log_tail()
 
 
 # -- (a) several router processes, one key ---------------------------------------------------

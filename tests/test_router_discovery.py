@@ -4,7 +4,8 @@ First the grpc-free part (``plan_changes``, ``NodeDiscovery`` over a stand-in po
 then ListNodes' router-token gate on a real control server, then the whole path on real
 servers: a control plane, a cloud tier on the demo cloud checkpoint (the router's one static
 backend), a router with discovery, and an edge server on the demo edge model exported once
-per module (about 5 s), which enrolls and heartbeats over gRPC and is then routed to.
+per session (``demo_edge_int4`` in conftest.py), which enrolls and heartbeats over gRPC and is
+then routed to.
 """
 
 from __future__ import annotations
@@ -27,9 +28,7 @@ from control.server import ControlServer, start_control_server
 from core.grpc_server import ServerConfig
 from edge.engine import EdgeEngineConfig
 from edge.server import EdgeServerConfig, start_edge_server
-from model.checkpoint import checkpoint_version
 from model.demo import DEMO_DIR
-from model.export import export_edge_artifact
 from protos.tandem.v1 import control_pb2 as pb
 from protos.tandem.v1 import inference_pb2 as ipb
 from protos.tandem.v1.control_pb2_grpc import ControlStub
@@ -236,11 +235,9 @@ def test_router_token_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("discovery") / "demo-edge-int4"
-    checkpoint = DEMO_DIR / "edge"
-    export_edge_artifact(checkpoint, out, "int4", base_version=checkpoint_version(checkpoint))
-    return out
+def artifact(demo_edge_int4: Path) -> Path:
+    """The session's shared export: read only (copy it to change files)."""
+    return demo_edge_int4
 
 
 async def test_router_routes_to_a_node_enrolled_after_it_started(

@@ -347,7 +347,6 @@ def test_everything_saturated_is_refused_fast_with_a_retry_hint() -> None:
 
             # Both backends are full: their trailers said slots + queue capacity, so the
             # router refuses (or, before it has heard, tries each once) with a retry hint.
-            start = time.monotonic()
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await c.stub.Generate(request(EASY), timeout=TIMEOUT)
             assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -361,7 +360,9 @@ def test_everything_saturated_is_refused_fast_with_a_retry_hint() -> None:
                 assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 assert 0 < int(dict(e.value.trailing_metadata())[RETRY_AFTER_KEY]) <= 1000
             assert edge.generate_calls + cloud.generate_calls == calls
-            assert time.monotonic() - start < 1.0
+            # Refused, not queued: a router that waited for a slot would have waited on the shut
+            # gate until the deadline (DEADLINE_EXCEEDED); the two that filled them still run.
+            assert edge.in_flight == cloud.in_flight == 1 and not any(h.done() for h in held)
 
             edge.gate.set()
             done = await asyncio.gather(*held)
@@ -393,11 +394,11 @@ def test_client_deadline_bounds_a_hung_backend() -> None:
         edge = TableEngine("edge", "edge-1")
         async with cluster(edge, first_token_timeout_s=0.3) as c:
             edge.gate = asyncio.Event()
-            start = time.monotonic()
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await c.stub.Generate(request(EASY, route=pb.ROUTE_EDGE), timeout=0.5)
             assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            assert time.monotonic() - start < 2.0
+            # The deadline reached the backend too: its call ended though its gate is still shut.
+            await until(lambda: edge.in_flight == 0)
             # With another candidate left, a backend silent past first_token_timeout_s is
             # abandoned in time for the next one to answer.
             r = await c.stub.Generate(request(EASY, quality=pb.QUALITY_FAST), timeout=TIMEOUT)
@@ -494,10 +495,9 @@ def test_router_health_turns_serving_only_with_a_healthy_backend() -> None:
         with socket.socket() as s:  # a port nothing listens on
             s.bind(("127.0.0.1", 0))
             dead = f"127.0.0.1:{s.getsockname()[1]}"
-        start = time.monotonic()
-        with pytest.raises(Unavailable, match="no backend became healthy"):
+        # It gives up at its own ready timeout (were it to hang, pytest's timeout fails it).
+        with pytest.raises(Unavailable, match=r"no backend became healthy within 0\.5 s"):
             await start_router(RouterConfig(backends=[dead], ready_timeout_s=0.5))
-        assert time.monotonic() - start < 3.0
 
         async with cluster() as c:
             health = health_pb2_grpc.HealthStub(c.channel)

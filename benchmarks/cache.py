@@ -1,11 +1,9 @@
 """Response cache: end-to-end latency of a hit vs a miss, and the hit rate over the Azure trace.
 
 Part 1 (latency). A real cloud tier (`tandem cloud serve`, a child process), a real redis-server
-and, in this process, a router built from the real parts (BackendPool, RoutingPolicy,
-RouterServicer, ApiKeyInterceptor) plus a few lines that put ``ResponseCache`` in the request
-flow the way the router servicer will (auth -> validate -> cache lookup -> route -> relay ->
-store). The router servicer does not call the cache yet, so those lines live here
-(``CachingRouter``). A gRPC client in this process streams greedy requests one at a time:
+and, in this process, the real router (``router.server.start_router``: API keys on, rate limits
+off, the response cache in its request flow: auth -> validate -> cache lookup -> route -> relay
+-> store). A gRPC client in this process streams greedy requests one at a time:
   miss         distinct prompts: routed to the cloud tier, answer stored;
   hit (Redis)  the same prompts with the router's in-process LRU emptied first;
   hit (LRU)    the same prompts again;
@@ -36,73 +34,30 @@ from bisect import bisect
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
-from typing import Any
 
 import grpc
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from core import convert
 from core.engine_api import Chunk, ServedBy, Usage
-from core.errors import TandemError
 from core.grpc_server import (
-    INFERENCE_SERVICE,
     ServerConfig,
-    abort,
-    add_inference_servicer,
-    build_server,
-    set_serving,
 )
 from core.launcher import ManagedProcess, free_port, stop_all, tandem_argv
 from core.redis_server import RedisServer
 from core.request import GenerationRequest
 from protos.tandem.v1 import inference_pb2 as pb
 from protos.tandem.v1 import inference_pb2_grpc as pb_grpc
-from router.auth import ApiKeyInterceptor
-from router.backends import BackendPool
 from router.cache import CacheConfig, CachedAnswer, ResponseCache, cache_key
 from router.config import RouterConfig
-from router.keys import KeyStore
-from router.policy import RoutingPolicy
-from router.servicer import RouterServicer
+from router.frontdoor import FrontDoorConfig
+from router.keys import AuthConfig, KeyStore
+from router.server import start_router
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACE = Path(os.environ.get("TANDEM_TRACE_DIR", ROOT.parent / "shared" / "data" / "traces"
                             / "azure_llm_2023")) / "AzureLLMInferenceTrace_code.csv"
-
-
-class CachingRouter(RouterServicer):
-    """RouterServicer with the cache in its streaming path (what the servicer will do)."""
-
-    def __init__(self, pool: BackendPool, config: RouterConfig, cache: ResponseCache) -> None:
-        super().__init__(pool, RoutingPolicy(config.policy), config)
-        self.cache = cache
-
-    def model_version(self) -> str:
-        return next(b.info.served_by.model_version for b in self.pool if b.info is not None)
-
-    async def GenerateStream(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        req = await self._request(request, context)
-        key = cache_key(req, self.model_version())
-        hit = await self.cache.get(key) if key else None
-        if hit is not None:
-            for i, chunk in enumerate(hit.chunks):
-                yield convert.chunk_to_proto(chunk, served_by=hit.served_by, first=i == 0,
-                                             request_id=req.request_id, cached=True,
-                                             route_reason="cache hit")
-            return
-        chunks = []
-        try:
-            async for msg in self._generate(req, self._deadline(context), buffered=False):
-                chunks.append(msg)
-                yield msg
-        except TandemError as e:
-            await abort(context, e)
-        if key:
-            await self.cache.put(key, CachedAnswer.from_chunks(
-                [convert.chunk_from_proto(m) for m in chunks],
-                convert.served_by_from_proto(chunks[0].served_by)))
 
 
 @dataclass
@@ -150,19 +105,14 @@ async def latency_part(args: argparse.Namespace, redis_url: str, home: Path) -> 
     redis = aioredis.Redis.from_url(redis_url, retry=Retry(NoBackoff(), 0))
     try:
         cloud.wait_healthy(300)
-        config = RouterConfig(backends=[cloud.address or ""], server=ServerConfig(port=0))
-        pool = BackendPool(config.pool)
-        cache = ResponseCache(redis, CacheConfig())
-        store = KeyStore(redis)
-        _, token = await store.create("bench")
-        servicer = CachingRouter(pool, config, cache)
-        server, rport, health = build_server(
-            config.server, lambda s: add_inference_servicer(s, servicer), [INFERENCE_SERVICE],
-            interceptors=[ApiKeyInterceptor(store)])
-        await server.start()
-        await pool.add(cloud.address or "")
-        assert await pool.wait_ready(60), "the cloud tier never became healthy for the router"
-        await set_serving(health, [INFERENCE_SERVICE])
+        front = FrontDoorConfig(redis_url=redis_url, auth=AuthConfig(enabled=True),
+                                rate_limit=None, cache=CacheConfig())
+        config = RouterConfig(backends=[cloud.address or ""], server=ServerConfig(port=0),
+                              front_door=front)
+        _, token = await KeyStore(redis).create("bench")
+        router = await start_router(config)
+        cache = router.servicer.front.cache
+        rport = router.port
         md = (("x-api-key", token),)
         rows: dict[str, list[Timing]] = {}
         async with grpc.aio.insecure_channel(f"127.0.0.1:{rport}") as ch, \
@@ -186,8 +136,7 @@ async def latency_part(args: argparse.Namespace, redis_url: str, home: Path) -> 
             rows["hit from the router's LRU"] = [
                 await stream_once(stub, p, args.max_tokens, md)
                 for _ in range(args.hit_rounds) for p in pool_prompts]
-        await server.stop(1)
-        await pool.close()
+        await router.stop(1)
     finally:
         await redis.aclose()
         stop_all([cloud])

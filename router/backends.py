@@ -150,7 +150,8 @@ class Backend:
         timeout = self.config.health_timeout_s
         error = ""
         try:
-            resp = await self.health.Check(
+            # The health stubs declare HealthStub without its methods (see core/launcher.py).
+            resp = await self.health.Check(  # type: ignore[attr-defined]
                 health_pb2.HealthCheckRequest(service=INFERENCE_SERVICE), timeout=timeout)
             if resp.status != health_pb2.HealthCheckResponse.SERVING:
                 error = f"health {health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)}"
@@ -169,11 +170,11 @@ class Backend:
         self.healthy, self.last_error = healthy, error
         if changed:
             if healthy:
-                info = self.info
-                assert info is not None
+                known = self.info
+                assert known is not None
                 log.info("backend %s is healthy: %s %s, model %s, context %d", self.address,
-                         info.served_by.tier, info.served_by.node_id,
-                         info.served_by.model_version, info.max_context)
+                         known.served_by.tier, known.served_by.node_id,
+                         known.served_by.model_version, known.max_context)
             else:
                 log.warning("backend %s is unhealthy: %s", self.address, error)
             if self._on_change is not None:

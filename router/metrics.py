@@ -115,8 +115,9 @@ def exported_metric_names() -> frozenset[str]:
     serving = ServingMetrics(CollectorRegistry(), cast(Engine, None))
     router = RouterMetrics()
     router.watch(None, lambda: 0)
-    names = set()
+    names: set[str] = set()
     for c in (*serving.collectors, *router.collectors):
-        for fam in c.describe():
+        # Every collector Tandem registers describes itself (SafeCollector, the clients' own).
+        for fam in c.describe():  # type: ignore[attr-defined]
             names.update(fam.name + s for s in suffixes.get(fam.type, ("",)))
     return frozenset(names)

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -147,7 +147,8 @@ class RateLimitConfig:
 
     def limit_for(self, key_id: str, tier: str | None = None) -> BucketLimit:
         """The key's own limit, else its tier's, else the default."""
-        return self.keys.get(key_id) or self.tiers.get(tier or "") or self.default
+        limit = self.keys.get(key_id) or self.tiers.get(tier or "") or self.default
+        return cast(BucketLimit, limit)  # __post_init__ made every entry a BucketLimit
 
 
 @dataclass(frozen=True)

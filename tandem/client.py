@@ -111,7 +111,7 @@ def _chunk(msg: pb.GenerateChunk) -> StreamChunk:
 def _error(e: grpc.RpcError) -> errors.TandemError:
     """The typed error for a failed call, with the server's retry-after hint when present."""
     code = e.code()
-    trailers = dict(e.trailing_metadata() or ())
+    trailers: dict[str, str | bytes] = dict(e.trailing_metadata() or ())  # type: ignore[arg-type]
     retry_ms = trailers.get("retry-after-ms")
     cls = _ERRORS.get(code, errors.TandemError)
     err = cls(f"{code.name}: {e.details()}",

@@ -315,7 +315,7 @@ class ResponseCache:
             if not self._down:
                 self._down = True
                 log.error("response cache: Redis unreachable (%s); bypassing the shared cache "
-                          "until it is back", e or type(e).__name__)
+                          "until it is back", str(e) or type(e).__name__)
             return None
         if self._down:
             self._down = False

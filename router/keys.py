@@ -252,7 +252,7 @@ class KeyStore:
         if not self._down:
             self._down = True
             log.error("key store: Redis unreachable (%s); only keys verified in the last "
-                      "%g s are accepted until it is back", err or type(err).__name__,
+                      "%g s are accepted until it is back", str(err) or type(err).__name__,
                       self.config.max_stale_s)
 
     def _remember(self, key_id: str, entry: _Verified) -> None:

@@ -30,6 +30,7 @@ from flwr.compat.common.recorddict_compat import (
 )
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from federation.configvalues import config_float, config_int
 from federation.sitedata import SiteData, read_site
 from federation.task import (
     Exchange,
@@ -98,13 +99,13 @@ def _prepare(msg: Message, context: Context) -> RoundInputs:
                else recorddict_to_evaluateins)(content, keep_input=True)
         config: dict[str, object] = dict(ins.config)
     else:
-        config = dict(content["config"].items())
+        config = dict(content.config_records["config"].items())
     site_path = _site_path(context)
     entries = {k: v for k, v in config.items() if str(k).startswith("package/")}
     package = (unpack(entries, site_path) if entries
                else cached_package(str(config["base-version"]), site_path))
-    exchange = Exchange(str(config["exchange"]), int(config["lora-rank"]),
-                        float(config["lora-alpha"]), int(config["seed"]))
+    exchange = Exchange(str(config["exchange"]), config_int(config, "lora-rank"),
+                        config_float(config, "lora-alpha"), config_int(config, "seed"))
     if legacy:
         from flwr.common import parameters_to_ndarrays
 
@@ -112,11 +113,11 @@ def _prepare(msg: Message, context: Context) -> RoundInputs:
         weights = {n: torch.from_numpy(a.copy()) for n, a in
                    zip(names, parameters_to_ndarrays(ins.parameters), strict=True)}
     else:
-        weights = content["arrays"].to_torch_state_dict()
+        weights = content.array_records["arrays"].to_torch_state_dict()
     model = build_model(package, exchange, weights)
     site = read_site(site_path)
     tokenizer = Tokenizer.from_dir(package)
-    tokens = tokenize_site(site, tokenizer, int(config["escalation-repeat"]))
+    tokens = tokenize_site(site, tokenizer, config_int(config, "escalation-repeat"))
     return RoundInputs(site, exchange, model, tokens, tokenizer, config, legacy)
 
 
@@ -126,28 +127,29 @@ def train(msg: Message, context: Context) -> Message:
     inputs = _prepare(msg, context)
     site, exchange, model, tokens, config = (inputs.site, inputs.exchange, inputs.model,
                                              inputs.tokens, inputs.config)
-    cfg = LocalTraining(int(config["local-steps"]), int(config["batch-size"]),
-                        int(config["seq-len"]), float(config["lr"]),
-                        float(config.get("proximal-mu", 0.0)),
-                        seed=int(config["seed"]) + int(config.get("server-round", 0)))
+    cfg = LocalTraining(config_int(config, "local-steps"), config_int(config, "batch-size"),
+                        config_int(config, "seq-len"), config_float(config, "lr"),
+                        config_float(config, "proximal-mu", 0.0),
+                        seed=config_int(config, "seed") + config_int(config, "server-round", 0))
     result = train_locally(model, tokens.train, cfg)
-    metrics = {
+    metrics: dict[str, int | float] = {
         "num-examples": int(tokens.train.numel()),
         "train-loss": float(result.final_loss),
         "train-seconds": float(result.seconds),
         "escalations": tokens.escalations,
     }
     site_record = ConfigRecord({"name": site.name})
+    # dict(metrics): FitRes and MetricRecord each take a dict of their own (wider) value type.
     if inputs.legacy:
         state = exchanged_state(model, exchange)
         fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(
-            [state[n].numpy() for n in state]), 1, metrics)  # 1: sites weigh the same
+            [state[n].numpy() for n in state]), 1, dict(metrics))  # 1: sites weigh the same
         reply = fitres_to_recorddict(fitres, keep_input=True)
         reply["site"] = site_record
         return Message(reply, reply_to=msg)
     return Message(RecordDict({
         "arrays": ArrayRecord(exchanged_state(model, exchange)),
-        "metrics": MetricRecord(metrics),
+        "metrics": MetricRecord(dict(metrics)),
         "site": site_record,
     }), reply_to=msg)
 
@@ -157,14 +159,16 @@ def evaluate(msg: Message, context: Context) -> Message:
     """The round's global model on the site's held-out documents."""
     inputs = _prepare(msg, context)
     site, model, config = inputs.site, inputs.model, inputs.config
-    nll, n = heldout_loss(model, inputs.tokens.heldout, int(config["eval-seq-len"]))
+    nll, n = heldout_loss(model, inputs.tokens.heldout, config_int(config, "eval-seq-len"))
     threshold = prompt_loss_quantile(model, inputs.tokenizer, site.heldout,
-                                     float(config["calibration-quantile"]))
-    metrics = {"num-examples": n, "eval-loss": nll, "eval-ppl": math.exp(nll),
-               "difficulty-quantile": threshold}
+                                     config_float(config, "calibration-quantile"))
+    metrics: dict[str, int | float] = {"num-examples": n, "eval-loss": nll,
+                                       "eval-ppl": math.exp(nll),
+                                       "difficulty-quantile": threshold}
     if inputs.legacy:
-        reply = evaluateres_to_recorddict(EvaluateRes(Status(Code.OK, ""), nll, n, metrics))
+        res = EvaluateRes(Status(Code.OK, ""), nll, n, dict(metrics))
+        reply = evaluateres_to_recorddict(res)
     else:
-        reply = RecordDict({"metrics": MetricRecord(metrics)})
+        reply = RecordDict({"metrics": MetricRecord(dict(metrics))})
     reply["site"] = ConfigRecord({"name": site.name})
     return Message(reply, reply_to=msg)

@@ -14,12 +14,17 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from core.durable import write_atomic
+from federation.configvalues import config_int
+
+if TYPE_CHECKING:
+    from flwr.proto.node_pb2 import NodeInfo
+    from flwr.supercore.run import Run
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +38,13 @@ POLL_S = 1.0
 def record_bytes(content: RecordDict) -> int:
     """Payload bytes of a message: arrays plus config and metric values."""
     total = 0
-    for record in content.array_records.values():
-        total += sum(len(a.data) for a in record.values())
-    for record in content.config_records.values():
-        for value in record.values():
+    for arrays in content.array_records.values():
+        total += sum(len(a.data) for a in arrays.values())
+    for config in content.config_records.values():
+        for value in config.values():
             total += len(value) if isinstance(value, (bytes, str)) else 8
-    for record in content.metric_records.values():
-        total += 8 * len(record)
+    for metrics in content.metric_records.values():
+        total += 8 * len(metrics)
     return total
 
 
@@ -83,7 +88,9 @@ class RunStatus:
         row[kind] = entry
         self.save()
 
-    def finish(self, state: str, error: str = "", **result: Any) -> None:
+    def finish(self, state: str, error: str = "", /, **result: Any) -> None:
+        """End the run as ``state``; ``result`` joins the recorded result (``state`` and
+        ``error`` are positional, so no result key can land in them)."""
         self.state, self.error = state, error
         self.result.update(result)
         self.save()
@@ -117,11 +124,11 @@ class RecordingGrid(Grid):
         self.current_round = 0
 
     # Delegation: the strategy talks to this object as to Flower's grid.
-    def set_run(self, run_id: int) -> None:
-        self.grid.set_run(run_id)
+    def set_run(self, run: Run) -> None:
+        self.grid.set_run(run)
 
     @property
-    def run(self):  # type: ignore[no-untyped-def]
+    def run(self) -> Run:
         return self.grid.run
 
     def create_message(self, *args: Any, **kwargs: Any) -> Message:
@@ -130,7 +137,7 @@ class RecordingGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return self.grid.get_node_ids()
 
-    def get_nodes(self):  # type: ignore[no-untyped-def]
+    def get_nodes(self) -> Iterable[NodeInfo]:
         return self.grid.get_nodes()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
@@ -155,8 +162,10 @@ class RecordingGrid(Grid):
         ids = list(self.grid.push_messages(out))
         node_of = {i: m.metadata.dst_node_id for i, m in zip(ids, out, strict=True) if i}
         sent = {m.metadata.dst_node_id: record_bytes(m.content) for m in out}
-        failures = [{"node": str(m.metadata.dst_node_id), "reason": "could not be pushed"}
-                    for i, m in zip(ids, out, strict=True) if not i]
+        # A reply's error may carry no reason (None, kept as null in the status file).
+        failures: list[dict[str, str | None]] = [
+            {"node": str(m.metadata.dst_node_id), "reason": "could not be pushed"}
+            for i, m in zip(ids, out, strict=True) if not i]
         replies: list[Message] = []
         pending = set(node_of)
         end = None if timeout is None else time.monotonic() + timeout
@@ -179,9 +188,10 @@ class RecordingGrid(Grid):
                                    "received_bytes": record_bytes(reply.content)}
             # Metrics: a MetricRecord, or (legacy replies) a "fitres/evaluateres.metrics"
             # ConfigRecord.
-            records = [*reply.content.metric_records.values(),
-                       *(r for k, r in reply.content.config_records.items()
-                         if k.endswith(".metrics"))]
+            records: list[MetricRecord | ConfigRecord] = [
+                *reply.content.metric_records.values(),
+                *(r for k, r in reply.content.config_records.items()
+                  if k.endswith(".metrics"))]
             for metrics in records:
                 row.update({k: v for k, v in metrics.items()
                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
@@ -205,21 +215,23 @@ class RecordingGrid(Grid):
     def _round_of(self, message: Message) -> int:
         """The server round a message belongs to: its config says, or (legacy workflows) its
         group id."""
+        configs = message.content.config_records
         for key in CONFIG_KEYS:
-            if key in message.content and "server-round" in message.content[key]:
-                return int(message.content[key]["server-round"])
+            if key in configs and "server-round" in configs[key]:
+                return config_int(configs[key], "server-round")
         group = message.metadata.group_id
         return int(group) if group.isdigit() else self.current_round
 
     def _with_package(self, message: Message) -> Message:
         """The message, with the model package added for a node that has not had it."""
         node = message.metadata.dst_node_id
-        key = next((k for k in CONFIG_KEYS if k in message.content), None)
+        configs = message.content.config_records
+        key = next((k for k in CONFIG_KEYS if k in configs), None)
         if node in self._packaged or key is None:
             return message
         self._packaged.add(node)
         content = RecordDict(dict(message.content.items()))
-        content[key] = ConfigRecord({**dict(message.content[key].items()), **self.package})
+        content[key] = ConfigRecord({**dict(configs[key].items()), **self.package})
         return Message(content=content, dst_node_id=node,
                        message_type=message.metadata.message_type,
                        group_id=message.metadata.group_id)

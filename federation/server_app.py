@@ -15,6 +15,7 @@ import math
 import os
 import threading
 from pathlib import Path
+from typing import TypedDict
 
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
@@ -40,12 +41,21 @@ log = logging.getLogger(__name__)
 app = ServerApp()
 
 
+class _Sampling(TypedDict):
+    """The sampling arguments FedAvg and FedProx share."""
+
+    fraction_train: float
+    min_train_nodes: int
+    min_evaluate_nodes: int
+    min_available_nodes: int
+
+
 def build_strategy(cfg: FedRunConfig) -> Strategy:
     """FedAvg or FedProx over at least ``min_nodes``; wrapped for client-side DP when asked."""
     # A DP round must sample exactly the number of clients its noise is scaled for.
-    fraction = 1e-9 if cfg.dp else cfg.fraction_train
-    common = dict(fraction_train=fraction, min_train_nodes=cfg.min_nodes,
-                  min_evaluate_nodes=cfg.min_nodes, min_available_nodes=cfg.min_nodes)
+    common = _Sampling(fraction_train=1e-9 if cfg.dp else cfg.fraction_train,
+                       min_train_nodes=cfg.min_nodes, min_evaluate_nodes=cfg.min_nodes,
+                       min_available_nodes=cfg.min_nodes)
     strategy: Strategy = (FedProx(proximal_mu=cfg.proximal_mu, **common)
                           if cfg.strategy == "fedprox" else FedAvg(**common))
     if cfg.dp:

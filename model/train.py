@@ -67,11 +67,14 @@ class TrainResult:
         return sum(tail) / len(tail) if tail else float("nan")
 
 
-def pack_documents(docs: Iterable[Sequence[int]], bos_id: int, eos_id: int) -> Tensor:
-    """Join tokenized documents into one stream: ``<bos> doc <eos> <bos> doc <eos> ...``."""
+def pack_documents(docs: Iterable[Sequence[int]], bos_id: int | None, eos_id: int) -> Tensor:
+    """Join tokenized documents into one stream: ``<bos> doc <eos> <bos> doc <eos> ...``; for
+    a tokenizer without a BOS token (``bos_id`` None, Qwen style) ``doc <eos> doc <eos> ...``,
+    the EOS alone separating documents."""
     out: list[int] = []
     for doc in docs:
-        out.append(bos_id)
+        if bos_id is not None:
+            out.append(bos_id)
         out.extend(doc)
         out.append(eos_id)
     return torch.tensor(out, dtype=torch.long)

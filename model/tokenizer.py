@@ -30,6 +30,7 @@ SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN)
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
 # The class onnxruntime-extensions maps to its BPE tokenizer with GPT-2's split pattern, and
 # that transformers loads from tokenizer.json alone.
 TOKENIZER_CLASS = "PreTrainedTokenizerFast"
@@ -83,6 +84,7 @@ class Tokenizer:
         eos_token: str,
         pad_token: str | None = None,
         config: dict[str, Any] | None = None,
+        eos_ids: Iterable[int] = (),
     ) -> None:
         self.backend = backend
         self._bos_token, self._eos_token = bos_token, eos_token
@@ -101,6 +103,10 @@ class Tokenizer:
         self._pad_id: int = pad_id
         # A loaded tokenizer_config.json, kept so save() writes back what we do not manage.
         self._config = dict(config or {})
+        # BOS only where the model wants it: SmolLM2 and Qwen2 say add_bos_token=false and
+        # derail after one they never saw in training. A config without the key (ours) adds it.
+        self._add_bos = bool(self._config.get("add_bos_token", True))
+        self._eos_ids = frozenset({self._eos_id, *(eos_ids or ())})
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike[str]) -> Tokenizer:
@@ -118,7 +124,8 @@ class Tokenizer:
             bos, eos, pad = (t if t in vocab else None for t in (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN))
         if eos is None:
             raise ValueError(f"{path} names no eos token; generation could never stop")
-        return cls(backend, bos_token=bos, eos_token=eos, pad_token=pad, config=config)
+        return cls(backend, bos_token=bos, eos_token=eos, pad_token=pad, config=config,
+                   eos_ids=_generation_eos_ids(path))
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the three Hugging Face tokenizer files into directory ``path``; returns it."""
@@ -162,11 +169,21 @@ class Tokenizer:
         return self._eos_id
 
     @property
+    def eos_ids(self) -> frozenset[int]:
+        """Every id that ends generation: the eos token and generation_config.json's list."""
+        return self._eos_ids
+
+    @property
+    def adds_bos(self) -> bool:
+        """Whether ``encode(add_bos=True)`` prepends BOS (the model has one and wants it)."""
+        return self._add_bos and self._bos_id is not None
+
+    @property
     def pad_id(self) -> int:
         return self._pad_id
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        """Token ids of ``text``, after BOS when ``add_bos`` and the model has one."""
+        """Token ids of ``text``, after BOS when ``add_bos`` and the model has and wants one."""
         ids = self.backend.encode(text, add_special_tokens=False).ids
         return self._with_bos(ids, add_bos)
 
@@ -184,7 +201,9 @@ class Tokenizer:
         return len(self.backend.encode(text, add_special_tokens=False).ids)
 
     def _with_bos(self, ids: list[int], add_bos: bool) -> list[int]:
-        return [self._bos_id, *ids] if add_bos and self._bos_id is not None else ids
+        if add_bos and self._add_bos and self._bos_id is not None:
+            return [self._bos_id, *ids]
+        return ids
 
     def _added_tokens_decoder(self) -> dict[str, dict[str, Any]]:
         # transformers' tokenizer_config.json form of tokenizer.json's "added_tokens".
@@ -230,6 +249,17 @@ class IncrementalDecoder:
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
+
+
+def _generation_eos_ids(path: Path) -> list[int]:
+    # generation_config.json lists every end-of-turn id (Llama 3 has three); an int or a list.
+    try:
+        value = json.loads((path / GENERATION_CONFIG_FILE).read_text()).get("eos_token_id")
+    except FileNotFoundError:
+        return []
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, list) else [value])]
 
 
 def _token_content(value: Any) -> str | None:

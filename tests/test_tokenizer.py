@@ -194,3 +194,20 @@ def test_streaming_decodes_a_short_window_only(tokenizer: Tokenizer) -> None:
     chunks = _stream(spy, ids)
     assert "".join(chunks) == text
     assert _WindowSpy.longest <= 8  # a few tokens, not the whole stream
+
+
+def test_bos_and_eos_follow_the_model_files(saved_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    chat = Path(shutil.copytree(saved_dir, tmp_path / "chat"))
+    config = json.loads((chat / "tokenizer_config.json").read_text())
+    (chat / "tokenizer_config.json").write_text(json.dumps(config | {"add_bos_token": False}))
+    (chat / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    ours, plain = Tokenizer.from_dir(chat), Tokenizer.from_dir(saved_dir)
+    # SmolLM2/Qwen2 style: the model has a BOS token but never wants it prepended.
+    assert ours.bos_id == plain.bos_id is not None and not ours.adds_bos and plain.adds_bos
+    assert ours.encode("def f():") == plain.encode("def f():", add_bos=False)
+    assert plain.encode("def f():")[0] == plain.bos_id
+    assert ours.eos_ids == {2, 7} and plain.eos_ids == {plain.eos_id}
+    ours.save(tmp_path / "again")
+    assert not Tokenizer.from_dir(tmp_path / "again").adds_bos  # save keeps the model's choice

@@ -20,7 +20,6 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.engine_api import Chunk, EngineInfo, EngineLoad, ScoreResult
@@ -31,8 +30,9 @@ from core.errors import (
     Unavailable,
     WrongState,
 )
-from core.request import GenerationRequest, Limits
+from core.request import GenerationRequest
 from edge.admission import Admission
+from edge.config import EdgeEngineConfig
 from edge.model_slot import ModelSlot
 from edge.outcomes import Tally, VersionOutcome
 from edge.runtime import EdgeRuntime
@@ -42,32 +42,6 @@ log = logging.getLogger(__name__)
 
 # Prompts longer than this (characters) are tokenized in a thread: a 32 KiB prompt takes ~15 ms.
 _INLINE_ENCODE_CHARS = 2048
-
-
-@dataclass(frozen=True)
-class EdgeEngineConfig:
-    """What an edge engine serves and how much work it takes on at once."""
-
-    artifact_dir: Path
-    node_id: str = "edge-0"
-    # Sequences decoding in parallel; each holds a genai Generator (its own KV cache).
-    max_concurrency: int = 4
-    # Requests that may wait for a slot; one more is refused with RESOURCE_EXHAUSTED.
-    max_queue: int = 16
-    # ONNX Runtime intra-op threads per session; None: ORT's default (one per core).
-    threads: int | None = None
-    limits: Limits = field(default_factory=Limits)
-    # After a swap, requests still running on the old model get this long before they are
-    # ended (a client that stops reading must not pin an old model in memory forever).
-    swap_drain_s: float = 60.0
-
-    def __post_init__(self) -> None:
-        if self.max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be >= 1, got {self.max_concurrency}")
-        if self.max_queue < 0:
-            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1 or None, got {self.threads}")
 
 
 class EdgeEngine:

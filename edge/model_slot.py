@@ -19,17 +19,14 @@ import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from core.engine_api import EngineInfo, ServedBy
 from core.errors import TandemError, Unavailable
+from edge.config import EdgeEngineConfig
 from edge.runtime import EdgeRuntime
 from edge.sequence import LoadedModel
 from model.manifest import CALIBRATION_FILE, Manifest, read_manifest
 from model.tokenizer import Tokenizer
-
-if TYPE_CHECKING:  # engine.py imports this module
-    from edge.engine import EdgeEngineConfig
 
 log = logging.getLogger(__name__)
 

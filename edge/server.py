@@ -9,7 +9,8 @@ from prometheus_client import CollectorRegistry
 from core.engine_server import EngineServer, serve_until_signal, start_engine_server
 from core.grpc_server import ServerConfig
 from core.metrics import MetricsConfig
-from edge.engine import EdgeEngine, EdgeEngineConfig
+from edge.config import EdgeEngineConfig
+from edge.engine import EdgeEngine
 
 EdgeServer = EngineServer
 

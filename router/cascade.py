@@ -18,18 +18,16 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from core.errors import TandemError
 from core.request import GenerationRequest
 from router.backends import Backend
+from router.calls import BackendCalls, PromptScore, RoutedChunk
 from router.config import RouterConfig
 from router.metrics import RouterMetrics
 from router.policy import CLOUD, EDGE, Decision, RoutingPolicy
 from router.relay import RelayOutcome
-
-if TYPE_CHECKING:  # router.flow builds the cascade: its types only, to keep imports one-way
-    from router.flow import BackendCalls, PromptScore, RoutedChunk
 
 log = logging.getLogger(__name__)
 

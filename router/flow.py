@@ -7,10 +7,10 @@ when the difficulty matters), relays with failover, hands cascades to ``router.c
 writes one DEBUG line per request saying what decided. ``score`` forwards a client's Score to an
 edge node; ``info`` describes the router.
 
-This file imports no grpc and knows no status code or servicer context: failures are the
-TandemErrors of ``core.errors``, which the servicer maps to a status. Protobuf appears only where
-the relay and the front door still speak it: ``BackendCalls`` and the two chunk conversions
-below, with ``core.convert`` doing the field work.
+This file imports no grpc and no protobuf and knows no status code or servicer context:
+failures are the TandemErrors of ``core.errors``, which the servicer maps to a status. Protobuf
+is translated once at each edge of the flow: by the servicer for the client, by
+``router.calls`` for the backends.
 """
 
 from __future__ import annotations
@@ -18,108 +18,25 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
-from core import convert
-from core.engine_api import Chunk, EngineInfo, ScoreResult, ServedBy
+from core.engine_api import EngineInfo, ServedBy
 from core.errors import InvalidRequest, TandemError, Unavailable
 from core.request import GenerationRequest
-from protos.tandem.v1 import inference_pb2 as pb
-from router.backends import Backend, BackendPool
+from router.backends import BackendPool
 from router.cache import cacheable
+from router.calls import BackendCalls, PromptScore, RoutedChunk
 from router.cascade import Cascade
 from router.config import RouterConfig
 from router.frontdoor import FrontDoor, cache_versions, replay
 from router.keys import KeyRecord
 from router.metrics import RouterMetrics
 from router.policy import CLOUD, BackendSnapshot, Decision, RequestView, RoutingPolicy
-from router.relay import RelayOutcome, RelayTimeouts, relay, score_on
+from router.relay import RelayOutcome, RelayTimeouts
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RoutedChunk:
-    """A chunk of an answer on its way to the client, with who served it and why."""
-
-    chunk: Chunk
-    served_by: ServedBy  # the backend (or cached answer) this chunk came from
-    request_id: str
-    # Says who served it and why on the wire (a stream's first and last chunk).
-    labelled: bool = False
-    route_reason: str = ""
-    cached: bool = False
-
-
-@dataclass(frozen=True)
-class PromptScore:
-    """An edge node's Score of a prompt, and who scored it (None when its answer did not say)."""
-
-    result: ScoreResult
-    served_by: ServedBy | None = None
-
-
-def routed_to_proto(c: RoutedChunk) -> pb.GenerateChunk:
-    """The client's message for a chunk (served_by and route_reason where it is labelled)."""
-    return convert.chunk_to_proto(c.chunk, served_by=c.served_by, request_id=c.request_id,
-                                  first=c.labelled, route_reason=c.route_reason, cached=c.cached)
-
-
-async def plain_chunks(
-    msgs: AsyncIterator[pb.GenerateChunk], unnamed: Callable[[], ServedBy]
-) -> AsyncIterator[RoutedChunk]:
-    """Each message as a ``RoutedChunk``; ``unnamed()`` says who served until a chunk does."""
-    served: ServedBy | None = None
-    async for msg in msgs:
-        labelled = msg.HasField("served_by")
-        if labelled:
-            served = convert.served_by_from_proto(msg.served_by)
-        elif served is None:
-            served = unnamed()
-        yield RoutedChunk(convert.chunk_from_proto(msg), served, msg.request_id, labelled,
-                          msg.route_reason, msg.cached)
-
-
-def _server_of(backend: Backend | None) -> ServedBy:
-    # Tandem backends name themselves on their first chunk; this is for one that would not.
-    # relay sets outcome.backend before it yields, and only backends with an Info are candidates.
-    assert backend is not None and backend.info is not None
-    return backend.info.served_by
-
-
-class BackendCalls:
-    """The pool's backends called with plain requests, answering plain chunks and scores."""
-
-    def __init__(self, pool: BackendPool, timeouts: RelayTimeouts) -> None:
-        self.pool = pool
-        self.timeouts = timeouts
-
-    def resolve(self, snapshots: Sequence[BackendSnapshot]) -> list[Backend]:
-        found = (self.pool.get(s.name) for s in snapshots)
-        return [b for b in found if b is not None]  # one may have been removed meanwhile
-
-    def generate(
-        self, backends: Sequence[Backend], req: GenerationRequest, deadline: float,
-        outcome: RelayOutcome, *, buffered: bool,
-    ) -> AsyncIterator[RoutedChunk]:
-        """``relay`` (failover, buffering: see router.relay) of ``req`` to ``backends``."""
-        msgs = relay(backends, convert.request_to_proto(req), deadline, outcome,
-                     buffered=buffered, timeouts=self.timeouts)
-        return plain_chunks(msgs, lambda: _server_of(outcome.backend))
-
-    async def score(
-        self, backends: Sequence[Backend], prompt: str, deadline: float, attempts: int = 2,
-    ) -> tuple[PromptScore, Backend]:
-        """``prompt`` scored by the first of ``backends`` that answers (see ``score_on``)."""
-        resp, backend = await score_on(backends, prompt, deadline, self.timeouts, attempts)
-        threshold = (resp.difficulty_threshold if resp.HasField("difficulty_threshold")
-                     else None)
-        served_by = (convert.served_by_from_proto(resp.served_by) if resp.HasField("served_by")
-                     else None)
-        return PromptScore(ScoreResult(resp.mean_loss, resp.prompt_tokens, threshold),
-                           served_by), backend
 
 
 class RequestFlow:
@@ -187,8 +104,7 @@ class RequestFlow:
                 if hit is not None:
                     self.metrics.cache_hit()
                     record["reason"] = "cache hit"
-                    served_by = hit.served_by
-                    async for chunk in plain_chunks(replay(hit, req, started), lambda: served_by):
+                    async for chunk in replay(hit, req, started):
                         yield chunk
                     return
                 self.metrics.cache_miss()
@@ -197,7 +113,8 @@ class RequestFlow:
                 if cacheable(req):
                     answer.append(chunk)
                 yield chunk
-            await self.front.store(req, [routed_to_proto(c) for c in answer])
+            if answer:
+                await self.front.store(req, [c.chunk for c in answer], answer[0].served_by)
         except TandemError as e:
             record["error"] = f"{e.status}: {e.message}"
             raise

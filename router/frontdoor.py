@@ -16,12 +16,11 @@ from pathlib import Path
 
 import grpc
 
-from core import convert
-from core.engine_api import Timings
+from core.engine_api import Chunk, ServedBy, Timings
 from core.request import GenerationRequest
-from protos.tandem.v1 import inference_pb2 as pb
 from router.auth import auth_interceptors
 from router.cache import CacheConfig, CachedAnswer, ResponseCache, cache_key, cacheable
+from router.calls import RoutedChunk
 from router.keys import AuthConfig, KeyRecord, KeyStore
 from router.ratelimit import RateLimitConfig, RateLimiter, redis_client, request_cost
 
@@ -103,19 +102,18 @@ class FrontDoor:
                 return hit
         return None
 
-    async def store(self, req: GenerationRequest, chunks: Sequence[pb.GenerateChunk]) -> None:
+    async def store(self, req: GenerationRequest, chunks: Sequence[Chunk],
+                    served_by: ServedBy) -> None:
         """Remember a whole answer (never an error or a partial one)."""
         if not self.config.cache.enabled or not cacheable(req) or not chunks:
             return
-        if chunks[-1].finish_reason == pb.FINISH_REASON_UNSPECIFIED:
+        if chunks[-1].finish_reason is None:
             return
-        served_by = convert.served_by_from_proto(chunks[0].served_by)
         key = cache_key(req, served_by.model_version)
         if key is None:
             return
         try:
-            answer = CachedAnswer.from_chunks([convert.chunk_from_proto(c) for c in chunks],
-                                              served_by)
+            answer = CachedAnswer.from_chunks(chunks, served_by)
         except ValueError:
             return
         await self.cache.put(key, answer)
@@ -127,17 +125,16 @@ class FrontDoor:
 
 async def replay(
     answer: CachedAnswer, req: GenerationRequest, started: float
-) -> AsyncIterator[pb.GenerateChunk]:
+) -> AsyncIterator[RoutedChunk]:
     """A cached answer as the stream it was, marked cached, with this request's timings."""
     last = len(answer.chunks) - 1
     for i, chunk in enumerate(answer.chunks):
         if i == last:
             elapsed = (time.monotonic() - started) * 1000
             chunk = replace(chunk, timings=Timings(0.0, elapsed, elapsed))
-        yield convert.chunk_to_proto(
-            chunk, served_by=answer.served_by, request_id=req.request_id, first=i == 0,
-            route_reason="cache: the same request was answered before", cached=True,
-        )
+        yield RoutedChunk(chunk, answer.served_by, req.request_id, labelled=i == 0,
+                          route_reason="cache: the same request was answered before",
+                          cached=True)
 
 
 def cache_versions(snapshots: Sequence[object], route: str) -> list[str]:

@@ -25,8 +25,9 @@ from core.metrics import RpcRecord
 from core.request import GenerationRequest
 from protos.tandem.v1 import inference_pb2 as pb
 from router.backends import BackendPool
+from router.calls import PromptScore, RoutedChunk, routed_to_proto
 from router.config import RouterConfig
-from router.flow import PromptScore, RequestFlow, RoutedChunk, routed_to_proto
+from router.flow import RequestFlow
 from router.frontdoor import FrontDoor
 from router.keys import current_key
 from router.metrics import RouterMetrics

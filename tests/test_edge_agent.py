@@ -35,7 +35,8 @@ from edge.agent.config import UNIT_NAME, AgentConfig, read_node_config
 from edge.agent.download import ArtifactRejected, check_signed_manifest, download_version
 from edge.agent.install import install
 from edge.agent.loop import EdgeAgent
-from edge.engine import EdgeEngine, EdgeEngineConfig
+from edge.config import EdgeEngineConfig
+from edge.engine import EdgeEngine
 from edge.server import EdgeServerConfig, start_edge_server
 from model.manifest import build_manifest, read_manifest, verify_artifact, write_manifest
 from protos.tandem.v1 import inference_pb2 as pb

@@ -28,7 +28,8 @@ from core.engine_servicer import IN_FLIGHT_KEY, QUEUE_DEPTH_KEY
 from core.errors import DeadlineExceeded, Unavailable
 from core.grpc_server import INFERENCE_SERVICE, RETRY_AFTER_KEY, ServerConfig
 from core.request import GenerationRequest
-from edge.engine import EdgeEngine, EdgeEngineConfig
+from edge.config import EdgeEngineConfig
+from edge.engine import EdgeEngine
 from edge.runtime import EdgeRuntime
 from edge.server import EdgeServer, EdgeServerConfig, start_edge_server
 from model.manifest import CALIBRATION_FILE, build_manifest, read_manifest, write_manifest

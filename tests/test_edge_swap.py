@@ -24,7 +24,8 @@ import grpc
 import pytest
 
 from core.grpc_server import ServerConfig
-from edge.engine import EdgeEngine, EdgeEngineConfig
+from edge.config import EdgeEngineConfig
+from edge.engine import EdgeEngine
 from edge.model_slot import SwapFailed
 from edge.server import EdgeServer, EdgeServerConfig, start_edge_server
 from model.checkpoint import checkpoint_version

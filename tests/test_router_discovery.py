@@ -26,7 +26,7 @@ from control.config import ControlConfig
 from control.router_tokens import RouterTokens
 from control.server import ControlServer, start_control_server
 from core.grpc_server import ServerConfig
-from edge.engine import EdgeEngineConfig
+from edge.config import EdgeEngineConfig
 from edge.server import EdgeServerConfig, start_edge_server
 from model.demo import DEMO_DIR
 from protos.tandem.v1 import control_pb2 as pb

@@ -22,7 +22,8 @@ from edge.agent.client import ControlClient, ControlError
 from edge.agent.config import AgentConfig, NodeConfig, read_node_config, write_node_config
 from edge.agent.download import ArtifactRejected, download_version
 from edge.agent.loop import Backoff, EdgeAgent
-from edge.engine import EdgeEngine, EdgeEngineConfig
+from edge.config import EdgeEngineConfig
+from edge.engine import EdgeEngine
 from edge.server import EdgeServerConfig, start_edge_server
 from federation.processes import SuperNodeConfig, supernode_process
 from model.manifest import ArtifactIntegrityError

@@ -99,7 +99,7 @@ def register(groups: Any) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from core.grpc_server import ServerConfig
     from core.metrics import MetricsConfig
-    from edge.engine import EdgeEngineConfig
+    from edge.config import EdgeEngineConfig
     from edge.server import EdgeServerConfig, run_edge_server
 
     if not args.artifact.exists():

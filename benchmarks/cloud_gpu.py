@@ -1,8 +1,9 @@
-"""The cloud engine's GPU path against Hugging Face ``generate``, in one run (issue 7).
+"""The cloud engine's GPU path against Hugging Face ``generate``, in one run.
 
 On one GPU, measured in the same process: the card's copy bandwidth (device-to-device copy,
 bytes read + written); greedy parity of the fast path (CUDA graphs, chunked prefill) with the
-reference decoding loop; then per model shape (random bf16 weights, no download): batch-1
+reference decoding loop; then per model shape (a ``ModelArgs`` preset or the path of a Hugging
+Face config.json; random bf16 weights, no download): batch-1
 decode tokens/s and achieved GB/s against the copy bandwidth, offline throughput at 8/32/128/
 256 concurrent sequences, the same for HF ``generate``, and a kernel profile of one decode
 step; finally an open-loop replay of the Azure conversation trace at rising arrival rates
@@ -14,6 +15,7 @@ section writes its results to the JSON file as soon as it ends; a failing sectio
 error and the rest still run; sections past the time budget are skipped and say so.
 
     python benchmarks/cloud_gpu.py --out /tmp/cloud_gpu.json
+    python benchmarks/cloud_gpu.py --shapes smollm2-135m --hf-new-tokens 256 --skip trace
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -136,9 +139,17 @@ def copy_bandwidth() -> dict[str, Any]:
     return {"bytes_per_copy": n, "seconds": s, "gb_s": round(2 * n / s / 1e9, 1)}
 
 
-def random_model(name: str, max_len: int) -> Transformer:
-    """A preset's shape with random bf16 weights on the GPU (std 0.02, norms at one)."""
-    args = ModelArgs.from_name(name, max_seq_len=max_len)
+def shape_args(shape: str) -> tuple[str, ModelArgs]:
+    """``(label, args)`` of a preset name or a Hugging Face config.json path (label: its folder)."""
+    if shape.endswith(".json"):
+        path = Path(shape).expanduser()
+        return path.parent.name, ModelArgs.from_file(path)
+    return shape, ModelArgs.from_name(shape)
+
+
+def random_model(args: ModelArgs, max_len: int) -> Transformer:
+    """A shape with random bf16 weights on the GPU (std 0.02, norms at one)."""
+    args = replace(args, max_seq_len=max_len)
     with torch.device("meta"):
         model = Transformer(args)
     model = model.to_empty(device=DEVICE).to(torch.bfloat16)
@@ -372,6 +383,7 @@ def profile_step(h: Harness, batch: int, out: dict[str, Any]) -> None:
 
 def throughput(h: Harness, batches: list[int], new: int, out: dict[str, Any]) -> None:
     vocab = h.model.args.vocab_size
+    out.update(prompt_tokens=128, new_tokens=new)
     for n in batches:
         # All n admitted and prefilled in one step, so the decode batch is n throughout.
         with torch.inference_mode():
@@ -383,11 +395,10 @@ def throughput(h: Harness, batches: list[int], new: int, out: dict[str, Any]) ->
                        "per_token_ms": r["per_token_ms"]}
 
 
-def hf_generate(name: str, batches: list[int], new: int, out: dict[str, Any],
+def hf_generate(args: ModelArgs, batches: list[int], new: int, out: dict[str, Any],
                 report: Report) -> None:
     import transformers
 
-    args = ModelArgs.from_name(name, max_seq_len=4096)
     cfg = args.to_hf_config()
     cfg.pop("architectures")
     config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
@@ -413,6 +424,7 @@ def hf_generate(name: str, batches: list[int], new: int, out: dict[str, Any],
         return time.monotonic() - t
 
     gen(2, 4)  # warm-up
+    out.update(prompt_tokens=128, new_tokens=new)
     for n in batches:
         # Rough cost: HF at ~70 ms a step; skip what no longer fits the budget.
         if report.left() < 0.1 * new + 30:
@@ -527,8 +539,11 @@ def main() -> int:
             copy_gb_s = out["gb_s"]
     with report.section("parity") as out:
         parity(out)
-    for name in a.shapes.split(","):
-        model = random_model(name, max_len)
+    names = []
+    for shape in a.shapes.split(","):
+        name, args = shape_args(shape)
+        names.append(name)
+        model = random_model(args, max_len)
         nbytes = param_bytes(model)
         model.fuse_projections()
         h = Harness(model, max(batches), max_len, DecodeConfig())
@@ -566,37 +581,46 @@ def main() -> int:
             torch.cuda.empty_cache()
         if "hf" not in skip:
             with report.section(f"{name}/hf_generate", 45) as out:
-                hf_generate(name, [int(x) for x in a.hf_batches.split(",")], a.hf_new_tokens,
+                hf_generate(args, [int(x) for x in a.hf_batches.split(",")], a.hf_new_tokens,
                             out, report)
         gc.collect()
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
-    summary(report.data)
+    report.data["vs_hf"] = summary(report.data, names)
+    report.save()
     return 0
 
 
-def summary(data: dict[str, Any]) -> None:
+def summary(data: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """Print the headline numbers; return engine / HF ratios per shape and batch."""
     s = data["sections"]
+    ratios: dict[str, Any] = {}
     print("\n=== summary ===")
     print(f"copy bandwidth: {s.get('copy_bandwidth', {}).get('gb_s')} GB/s; "
           f"parity: {s.get('parity', {}).get('fp32_greedy_equal')} "
           f"(compiled {s.get('parity', {}).get('compiled')})")
-    for name in SHAPES:
+    for name in names:
         d = s.get(f"{name}/decode_batch1", {})
         t = s.get(f"{name}/engine_throughput", {})
         hf = s.get(f"{name}/hf_generate", {})
         print(f"{name}: batch-1 {d.get('engine_tok_s')} tok/s = {d.get('achieved_gb_s')} GB/s "
               f"({d.get('pct_of_copy_bw')}% of copy; graph-only {d.get('graph_pct_of_copy_bw')}%)")
+        # Like for like only where both generated as many tokens after the same prompts.
+        same = t.get("new_tokens") is not None and t.get("new_tokens") == hf.get("new_tokens")
+        ratios[name] = {"same_lengths": same}
         for n in ("1", "8", "32", "128", "256"):
             ours = t.get(n, {}).get("tok_s") if n != "1" else d.get("engine_tok_s")
             theirs = hf.get(n, {}).get("tok_s")
             ratio = f"{ours / theirs:.1f}x" if ours and theirs else "-"
+            if ours and theirs:
+                ratios[name][n] = round(ours / theirs, 2)
             print(f"   batch {n:>3}: engine {ours} tok/s, HF {theirs} tok/s, {ratio}")
     tr = next((v for k, v in s.items() if k.endswith("/trace_replay")), {}).get("levels", {})
     for rate, r in tr.items():
         if "output_tok_s" in r:
             print(f"trace {rate} req/s: {r['output_tok_s']} tok/s, ttft {r['ttft_ms']}, "
                   f"per-token {r['per_token_ms']}")
+    return ratios
 
 
 if __name__ == "__main__":

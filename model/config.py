@@ -223,6 +223,12 @@ PRESETS: dict[str, ModelArgs] = {
         qkv_bias=True, tie_word_embeddings=True, architecture="qwen2",
         bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16",
     ),
+    # SmolLM2-135M-Instruct: 30 thin layers, so decode is bound by launches, not bytes.
+    "smollm2-135m": ModelArgs(
+        vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3,
+        intermediate_size=1536, max_seq_len=8192, rope_theta=100000.0,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+    ),
     "llama-3.2-1b": ModelArgs(
         vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8,
         intermediate_size=8192, max_seq_len=131072, rope_theta=500000.0,

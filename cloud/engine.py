@@ -38,7 +38,7 @@ from core.engine_api import (
     merge_chunks,
 )
 from core.errors import DeadlineExceeded, InvalidRequest, TandemError, Unavailable
-from core.request import GenerationRequest, Limits
+from core.request import ChatMessage, GenerationRequest, Limits
 from model.checkpoint import checkpoint_version, load_checkpoint, read_metadata
 from model.generate import sequence_nll
 from model.textstream import TextStream
@@ -154,7 +154,7 @@ class CloudEngine:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         if self._thread is None or self._stopping:
             raise Unavailable("the cloud engine is not running")
-        ids = self.tokenizer.encode(request.prompt)
+        ids = self.tokenizer.encode_prompt(request.prompt, request.messages)
         if len(ids) + request.max_tokens > self.max_context:
             raise InvalidRequest(
                 f"prompt is {len(ids)} tokens and max_tokens is {request.max_tokens}; together "
@@ -201,8 +201,10 @@ class CloudEngine:
                 seq.cancelled = True
                 self.scheduler.wakeup.set()
 
-    async def score(self, prompt: str) -> ScoreResult:
-        ids = self.tokenizer.encode(prompt)
+    async def score(
+        self, prompt: str, messages: tuple[ChatMessage, ...] = ()
+    ) -> ScoreResult:
+        ids = self.tokenizer.encode_prompt(prompt, messages)
         if len(ids) > self.max_context:
             raise InvalidRequest(
                 f"prompt is {len(ids)} tokens; the limit is {self.max_context}"

@@ -5,7 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from core.engine_api import Chunk, EngineInfo, ServedBy, Timings, Usage
-from core.request import GenerationRequest, Limits, validate
+from core.errors import InvalidRequest
+from core.request import (
+    ChatMessage,
+    GenerationRequest,
+    Limits,
+    validate,
+    validate_messages,
+    validate_prompt,
+)
 from protos.tandem.v1 import inference_pb2 as pb
 
 ROUTE_NAMES = {pb.ROUTE_AUTO: "auto", pb.ROUTE_EDGE: "edge", pb.ROUTE_CLOUD: "cloud"}
@@ -25,6 +33,7 @@ def request_from_proto(
     """Validate a GenerateRequest; raises InvalidRequest with a message for the user."""
     return validate(
         prompt=msg.prompt,
+        messages=messages_from_proto(msg.messages),
         limits=limits,
         max_tokens=msg.max_tokens if msg.HasField("max_tokens") else None,
         temperature=msg.temperature if msg.HasField("temperature") else None,
@@ -46,10 +55,33 @@ def request_to_proto(req: GenerationRequest) -> pb.GenerateRequest:
         prompt=req.prompt, max_tokens=req.max_tokens, temperature=req.temperature,
         top_p=req.top_p, top_k=req.top_k, stop=list(req.stop), route=ROUTE_VALUES[req.route],
         quality=QUALITY_VALUES[req.quality], no_cache=req.no_cache, request_id=req.request_id,
+        messages=messages_to_proto(req.messages),
     )
     if req.seed is not None:
         msg.seed = req.seed
     return msg
+
+
+def score_input_from_proto(
+    msg: pb.ScoreRequest, limits: Limits
+) -> tuple[str, tuple[ChatMessage, ...]]:
+    """A ScoreRequest's prompt or conversation, validated as GenerateRequest's are."""
+    messages = messages_from_proto(msg.messages)
+    if messages:
+        if msg.prompt:
+            raise InvalidRequest("send either prompt or messages, not both")
+        validate_messages(messages, limits)
+    else:
+        validate_prompt(msg.prompt, limits)
+    return msg.prompt, messages
+
+
+def messages_from_proto(msgs: Sequence[pb.ChatMessage]) -> tuple[ChatMessage, ...]:
+    return tuple(ChatMessage(m.role, m.content) for m in msgs)
+
+
+def messages_to_proto(messages: Sequence[ChatMessage]) -> list[pb.ChatMessage]:
+    return [pb.ChatMessage(role=m.role, content=m.content) for m in messages]
 
 
 def served_by_to_proto(s: ServedBy) -> pb.ServedBy:

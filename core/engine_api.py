@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from core.request import GenerationRequest
+from core.request import ChatMessage, GenerationRequest
 
 FINISH_REASONS = ("eos", "stop", "length")
 
@@ -106,7 +106,11 @@ class Engine(Protocol):
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]: ...
 
-    async def score(self, prompt: str) -> ScoreResult: ...
+    async def score(
+        self, prompt: str, messages: tuple[ChatMessage, ...] = ()
+    ) -> ScoreResult:
+        """Mean loss of ``prompt``, or of ``messages`` rendered with the chat template."""
+        ...
 
     async def start(self) -> None: ...
 

@@ -127,14 +127,11 @@ class EngineServicer:
     ) -> pb.ScoreResponse:
         with self.metrics.track("Score", context):
             try:
-                if isinstance(request, Undecodable) or not request.prompt.strip():
+                if isinstance(request, Undecodable):
                     raise InvalidRequest("prompt must be non-empty UTF-8 text")
-                if len(request.prompt.encode()) > self.limits.max_prompt_bytes:
-                    raise InvalidRequest(
-                        f"prompt is over the limit of {self.limits.max_prompt_bytes} bytes"
-                    )
+                prompt, messages = convert.score_input_from_proto(request, self.limits)
                 served_by = self.engine.info.served_by  # before the await (see Generate)
-                result = await self.engine.score(request.prompt)
+                result = await self.engine.score(prompt, messages)
             except TandemError as e:
                 await abort(context, e, self.load_trailers())
             context.set_trailing_metadata(self.load_trailers())

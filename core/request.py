@@ -15,6 +15,18 @@ from core.errors import InvalidRequest
 
 ROUTES = ("auto", "edge", "cloud")
 QUALITIES = ("default", "fast", "best")
+ROLES = ("system", "user", "assistant")
+# Template text a conversation gains per message (role markers, newlines): what byte and token
+# estimates add for each message when the template itself is not at hand.
+MESSAGE_OVERHEAD_BYTES = 16
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One turn of a conversation; the model's chat template turns them into its prompt."""
+
+    role: str
+    content: str
 
 
 @dataclass(frozen=True)
@@ -27,14 +39,17 @@ class Limits:
     max_stop_sequences: int = 8
     max_stop_bytes: int = 64
     max_top_k: int = 1_000_000
+    max_messages: int = 256
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
     """One validated request; sampling fields hold their effective values (defaults applied)."""
 
+    # Exactly one of the two: raw prompt text, or a conversation (then ``prompt`` is "").
     prompt: str
     max_tokens: int
+    messages: tuple[ChatMessage, ...] = ()
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -52,6 +67,13 @@ class GenerationRequest:
         return self.temperature == 0.0
 
     @property
+    def prompt_bytes(self) -> int:
+        """UTF-8 size of the prompt, or of the conversation's contents plus template overhead."""
+        if not self.messages:
+            return _utf8_size(self.prompt)
+        return sum(_utf8_size(m.content) + MESSAGE_OVERHEAD_BYTES for m in self.messages)
+
+    @property
     def reproducible(self) -> bool:
         """Same request, same answer: greedy, or sampled with a fixed seed."""
         return self.greedy or self.seed is not None
@@ -61,6 +83,7 @@ def validate(
     *,
     prompt: str,
     limits: Limits,
+    messages: tuple[ChatMessage, ...] = (),
     max_tokens: int | None = None,
     temperature: float | None = None,
     top_p: float | None = None,
@@ -74,15 +97,12 @@ def validate(
     deadline: float | None = None,
 ) -> GenerationRequest:
     """Check every field against ``limits``; raise ``InvalidRequest`` saying what to change."""
-    if not prompt or not prompt.strip():
-        raise InvalidRequest("prompt must be non-empty text")
-    size = len(prompt.encode("utf-8", errors="surrogatepass"))
-    if size > limits.max_prompt_bytes:
-        raise InvalidRequest(
-            f"prompt is {size} bytes; the limit is {limits.max_prompt_bytes} bytes"
-        )
-    if "\x00" in prompt:
-        raise InvalidRequest("prompt must not contain NUL characters")
+    if messages:
+        if prompt:
+            raise InvalidRequest("send either prompt or messages, not both")
+        validate_messages(messages, limits)
+    else:
+        validate_prompt(prompt, limits)
     if max_tokens is None:
         max_tokens = min(limits.default_max_tokens, limits.max_new_tokens)
     if not 1 <= max_tokens <= limits.max_new_tokens:
@@ -113,6 +133,7 @@ def validate(
     extra = {"request_id": request_id} if request_id else {}
     return GenerationRequest(
         prompt=prompt,
+        messages=tuple(messages),
         max_tokens=max_tokens,
         temperature=temperature,
         top_p=top_p,
@@ -125,3 +146,42 @@ def validate(
         deadline=deadline,
         **extra,
     )
+
+
+def validate_prompt(prompt: str, limits: Limits) -> None:
+    """A raw prompt: non-empty text within the byte limit."""
+    if not prompt or not prompt.strip():
+        raise InvalidRequest("prompt must be non-empty text (or send messages)")
+    size = _utf8_size(prompt)
+    if size > limits.max_prompt_bytes:
+        raise InvalidRequest(
+            f"prompt is {size} bytes; the limit is {limits.max_prompt_bytes} bytes"
+        )
+    if "\x00" in prompt:
+        raise InvalidRequest("prompt must not contain NUL characters")
+
+
+def validate_messages(messages: tuple[ChatMessage, ...], limits: Limits) -> None:
+    """A conversation: known roles, some non-empty content, within the message and byte limits."""
+    if len(messages) > limits.max_messages:
+        raise InvalidRequest(
+            f"at most {limits.max_messages} messages are allowed, got {len(messages)}"
+        )
+    for i, m in enumerate(messages):
+        if m.role not in ROLES:
+            raise InvalidRequest(
+                f"messages[{i}].role must be one of {ROLES}, got {m.role[:32]!r}"
+            )
+        if "\x00" in m.content:
+            raise InvalidRequest(f"messages[{i}].content must not contain NUL characters")
+    if not any(m.content.strip() for m in messages):
+        raise InvalidRequest("messages must have some non-empty content")
+    size = sum(_utf8_size(m.content) for m in messages)
+    if size > limits.max_prompt_bytes:
+        raise InvalidRequest(
+            f"messages are {size} bytes of content; the limit is {limits.max_prompt_bytes} bytes"
+        )
+
+
+def _utf8_size(text: str) -> int:
+    return len(text.encode("utf-8", errors="surrogatepass"))

@@ -30,7 +30,7 @@ from core.errors import (
     Unavailable,
     WrongState,
 )
-from core.request import GenerationRequest
+from core.request import ChatMessage, GenerationRequest
 from edge.admission import Admission
 from edge.config import EdgeEngineConfig
 from edge.model_slot import ModelSlot
@@ -158,7 +158,7 @@ class EdgeEngine:
         # so a swap can't come between the version it reports and the model that answers.
         model = self._pin()
         try:
-            ids = await self._encode(model, request.prompt)
+            ids = await self._encode(model, request.prompt, request.messages)
             max_context = model.info.max_context
             if len(ids) + request.max_tokens > max_context:
                 room = max_context - len(ids)
@@ -210,11 +210,13 @@ class EdgeEngine:
         finally:
             self._unpin(model)
 
-    async def score(self, prompt: str) -> ScoreResult:
+    async def score(
+        self, prompt: str, messages: tuple[ChatMessage, ...] = ()
+    ) -> ScoreResult:
         """Mean per-token loss of the prompt from one prefill (the router's difficulty signal)."""
         model = self._pin()
         try:
-            ids = await self._encode(model, prompt)
+            ids = await self._encode(model, prompt, messages)
             if len(ids) < 2:  # BOS alone predicts nothing
                 raise InvalidRequest("prompt must be non-empty text")
             if len(ids) > model.info.max_context:
@@ -282,11 +284,14 @@ class EdgeEngine:
             seq.cancelled.set()
             seq.events.put_nowait(err)
 
-    async def _encode(self, model: LoadedModel, text: str) -> list[int]:
-        # genai's own tokenizer never adds BOS; the model was trained with it.
-        if len(text) <= _INLINE_ENCODE_CHARS:
-            return model.tokenizer.encode(text, add_bos=True)
-        return await asyncio.to_thread(model.tokenizer.encode, text, True)
+    async def _encode(
+        self, model: LoadedModel, prompt: str, messages: tuple[ChatMessage, ...] = ()
+    ) -> list[int]:
+        # Tandem's tokenizer, not genai's: BOS where the model wants it, chat templates.
+        size = len(prompt) + sum(len(m.content) for m in messages)
+        if size <= _INLINE_ENCODE_CHARS:
+            return model.tokenizer.encode_prompt(prompt, messages)
+        return await asyncio.to_thread(model.tokenizer.encode_prompt, prompt, messages)
 
     def _launch(self, seq: EdgeSequence, loop: asyncio.AbstractEventLoop) -> None:
         """Start decoding ``seq`` off the event loop."""

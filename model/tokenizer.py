@@ -9,6 +9,7 @@ extensions) read: ``tokenizer.json``, ``tokenizer_config.json``, ``special_token
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -20,6 +21,9 @@ from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from core.durable import write_atomic
+from core.errors import InvalidRequest
+from core.request import ChatMessage
+from model.chat import ChatTemplate, template_source
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +185,34 @@ class Tokenizer:
     @property
     def pad_id(self) -> int:
         return self._pad_id
+
+    @functools.cached_property
+    def chat_template(self) -> ChatTemplate | None:
+        """The model's chat template (tokenizer_config.json), or None when it has none."""
+        source = template_source(self._config)
+        if source is None:
+            return None
+        unk = _token_content(self._config.get("unk_token"))
+        return ChatTemplate(source, {"bos_token": self._bos_token, "eos_token": self._eos_token,
+                                     "pad_token": self._pad_token, "unk_token": unk})
+
+    def prompt_text(self, prompt: str, messages: Sequence[ChatMessage] = ()) -> str:
+        """What the model reads: ``messages`` rendered with its chat template, else ``prompt``."""
+        if not messages:
+            return prompt
+        if self.chat_template is None:
+            raise InvalidRequest(
+                "this model has no chat template, so it cannot take messages: send a prompt"
+            )
+        return self.chat_template.render(messages)
+
+    def encode_prompt(self, prompt: str, messages: Sequence[ChatMessage] = ()) -> list[int]:
+        """Ids of a request's prompt: rendered ``messages`` or ``prompt`` (see ``prompt_text``).
+
+        A rendered conversation gets no BOS added: the template writes the special tokens it
+        wants (transformers' ``apply_chat_template`` does the same).
+        """
+        return self.encode(self.prompt_text(prompt, messages), add_bos=not messages)
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids of ``text``, after BOS when ``add_bos`` and the model has and wants one."""

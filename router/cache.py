@@ -179,6 +179,9 @@ def cache_key(req: GenerationRequest, model_version: str) -> str | None:
         "v": FORMAT_VERSION,
         "model_version": model_version,
         "prompt": req.prompt,  # exactly as sent: see the module docstring
+        # A conversation as sent: the model version fixes its chat template, so equal messages
+        # render to equal prompts on every tier (and the router needs no template to key them).
+        "messages": [[m.role, m.content] for m in req.messages],
         "max_tokens": req.max_tokens,
         "temperature": req.temperature,
         # Greedy decoding ignores these (argmax survives any top-k / top-p filter).

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from core import convert
 from core.engine_api import Chunk, ScoreResult, ServedBy
-from core.request import GenerationRequest
+from core.request import ChatMessage, GenerationRequest
 from protos.tandem.v1 import inference_pb2 as pb
 from router.backends import Backend, BackendPool
 from router.policy import BackendSnapshot
@@ -90,9 +90,12 @@ class BackendCalls:
 
     async def score(
         self, backends: Sequence[Backend], prompt: str, deadline: float, attempts: int = 2,
+        *, messages: Sequence[ChatMessage] = (),
     ) -> tuple[PromptScore, Backend]:
-        """``prompt`` scored by the first of ``backends`` that answers (see ``score_on``)."""
-        resp, backend = await score_on(backends, prompt, deadline, self.timeouts, attempts)
+        """``prompt`` (or ``messages``, as the backend renders them) scored by the first of
+        ``backends`` that answers (see ``score_on``)."""
+        request = pb.ScoreRequest(prompt=prompt, messages=convert.messages_to_proto(messages))
+        resp, backend = await score_on(backends, request, deadline, self.timeouts, attempts)
         threshold = (resp.difficulty_threshold if resp.HasField("difficulty_threshold")
                      else None)
         served_by = (convert.served_by_from_proto(resp.served_by) if resp.HasField("served_by")

@@ -21,7 +21,7 @@ from dataclasses import replace
 from typing import Any
 
 from core.errors import TandemError
-from core.request import GenerationRequest
+from core.request import ChatMessage, GenerationRequest
 from router.backends import Backend
 from router.calls import BackendCalls, PromptScore, RoutedChunk
 from router.config import RouterConfig
@@ -60,7 +60,7 @@ class Cascade:
         words = ""
         if edge.tier == EDGE:
             answer = "".join(c.chunk.text for c in held)
-            loss, record["confidence"] = await self._answer_loss(edge, req.prompt, answer, score,
+            loss, record["confidence"] = await self._answer_loss(edge, req, answer, score,
                                                                   deadline)
             escalate, words = self.policy.escalation(loss)
             clouds = [b for b in backends if b.tier == CLOUD]
@@ -95,7 +95,7 @@ class Cascade:
             yield replace(chunk, route_reason=reason) if chunk.labelled else chunk
 
     async def _answer_loss(
-        self, edge: Backend, prompt: str, answer: str, score: PromptScore | None,
+        self, edge: Backend, req: GenerationRequest, answer: str, score: PromptScore | None,
         deadline: float,
     ) -> tuple[float | None, str]:
         """The edge model's mean loss on its own answer (two Scores), or None and why not."""
@@ -104,9 +104,13 @@ class Cascade:
         if not answer:
             return None, "empty answer"
         try:
+            # A conversation's rendering with the answer as the assistant's turn starts with the
+            # rendering the prompt was scored on (its generation prompt), as a raw prompt does.
+            prompt, messages = ((req.prompt + answer, ()) if not req.messages else
+                                ("", (*req.messages, ChatMessage("assistant", answer))))
             full, _ = await self.calls.score(
-                [edge], prompt + answer,
-                min(deadline, time.monotonic() + self.config.score_timeout_s), attempts=1)
+                [edge], prompt, min(deadline, time.monotonic() + self.config.score_timeout_s),
+                attempts=1, messages=messages)
         except TandemError as e:
             return None, f"answer score failed: {e.status}"
         loss = self.policy.answer_loss(score.result.mean_loss, score.result.prompt_tokens,
@@ -116,12 +120,14 @@ class Cascade:
     async def _escalated(self, req: GenerationRequest, edge_answer: str, cloud_answer: str,
                          edge_node: str) -> None:
         log.info("cascade escalated %s (%d prompt bytes) to the cloud", req.request_id,
-                 len(req.prompt.encode("utf-8", errors="surrogatepass")))
+                 req.prompt_bytes)
         hook = self.config.on_escalation
         if hook is None:
             return
         try:
-            result = hook(req.prompt, edge_answer, cloud_answer, edge_node)
+            # Site data is prompt -> answer text; a conversation goes in as its turns.
+            prompt = req.prompt or "\n".join(f"{m.role}: {m.content}" for m in req.messages)
+            result = hook(prompt, edge_answer, cloud_answer, edge_node)
             if inspect.isawaitable(result):
                 await result
         except Exception:  # the client's answer must not depend on the hook

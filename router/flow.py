@@ -23,8 +23,8 @@ from dataclasses import replace
 from typing import Any
 
 from core.engine_api import EngineInfo, ServedBy
-from core.errors import InvalidRequest, TandemError, Unavailable
-from core.request import GenerationRequest
+from core.errors import TandemError, Unavailable
+from core.request import ChatMessage, GenerationRequest
 from router.backends import BackendPool
 from router.cache import cacheable
 from router.calls import BackendCalls, PromptScore, RoutedChunk
@@ -68,18 +68,16 @@ class RequestFlow:
             precision=",".join(sorted({i.precision for i in infos})),
         )
 
-    async def score(self, prompt: str, deadline: float) -> PromptScore:
-        """A client's Score: forwarded to an edge node, since difficulty is the edge's loss."""
-        if not prompt.strip():
-            raise InvalidRequest("prompt must be non-empty UTF-8 text")
-        limit = self.config.limits.max_prompt_bytes
-        if len(prompt.encode()) > limit:
-            raise InvalidRequest(f"prompt is over the limit of {limit} bytes")
+    async def score(
+        self, prompt: str, messages: tuple[ChatMessage, ...], deadline: float
+    ) -> PromptScore:
+        """A client's Score (validated): forwarded to an edge node, since difficulty is the
+        edge's loss."""
         scorers = self.calls.resolve(self.policy.scorers(self.pool.snapshots()))
         if not scorers:
             raise Unavailable("no healthy edge node to score the prompt; retry later")
         scored, _ = await self.calls.score(scorers, prompt, deadline,
-                                           self.config.policy.max_attempts)
+                                           self.config.policy.max_attempts, messages=messages)
         return scored
 
     async def generate(
@@ -150,13 +148,13 @@ class RequestFlow:
         snaps = self.pool.snapshots()
         view = RequestView(
             route=req.route, quality=req.quality, max_tokens=req.max_tokens,
-            prompt_bytes=len(req.prompt.encode("utf-8", errors="surrogatepass")),
+            prompt_bytes=self.front.prompt_bytes(req),
             time_left_s=deadline - time.monotonic(),
         )
         score: PromptScore | None = None
         note = "not needed"
         if self.policy.needs_score(view, snaps):
-            score, note = await self._score_prompt(req.prompt, snaps, deadline)
+            score, note = await self._score_prompt(req, snaps, deadline)
             if score is not None:
                 view = replace(view, prompt_tokens=score.result.prompt_tokens,
                                time_left_s=deadline - time.monotonic())
@@ -169,7 +167,7 @@ class RequestFlow:
         return decision, score
 
     async def _score_prompt(
-        self, prompt: str, snaps: list[BackendSnapshot], deadline: float
+        self, req: GenerationRequest, snaps: list[BackendSnapshot], deadline: float
     ) -> tuple[PromptScore | None, str]:
         """The edge model's loss on the prompt, or None and why not (never fails the request)."""
         scorers = self.calls.resolve(self.policy.scorers(snaps))
@@ -177,7 +175,8 @@ class RequestFlow:
             return None, "no edge node to score on"
         try:
             scored, backend = await self.calls.score(
-                scorers, prompt, min(deadline, time.monotonic() + self.config.score_timeout_s))
+                scorers, req.prompt, min(deadline, time.monotonic() + self.config.score_timeout_s),
+                messages=req.messages)
         except TandemError as e:
             return None, f"skipped: {e.status} {e.message}"
         r = scored.result

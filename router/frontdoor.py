@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 
 from core.engine_api import Chunk, ServedBy, Timings
+from core.errors import InvalidRequest
 from core.request import GenerationRequest
 from router.auth import auth_interceptors
 from router.cache import CacheConfig, CachedAnswer, ResponseCache, cache_key, cacheable
@@ -73,17 +74,36 @@ class FrontDoor:
         """The key gate (none when auth is off); ``on_reject(method, status)`` counts refusals."""
         return auth_interceptors(self.config.auth, self.keys, on_reject)
 
-    def prompt_tokens(self, prompt: str) -> int:
-        if self._tokenizer is not None:
-            return self._tokenizer.token_count(prompt)
-        return math.ceil(len(prompt.encode("utf-8", errors="surrogatepass")) / 4)
+    def prompt_text(self, req: GenerationRequest) -> str | None:
+        """The prompt the model will read (a conversation rendered with the tokenizer's chat
+        template), or None when the router has no template to render it with."""
+        if not req.messages:
+            return req.prompt
+        if self._tokenizer is None or self._tokenizer.chat_template is None:
+            return None
+        try:
+            return self._tokenizer.prompt_text(req.prompt, req.messages)
+        except InvalidRequest:
+            return None  # the tier's own rendering will say what is wrong
+
+    def prompt_bytes(self, req: GenerationRequest) -> int:
+        """UTF-8 size of the prompt as the model reads it (estimated without a template)."""
+        text = self.prompt_text(req)
+        return req.prompt_bytes if text is None else len(text.encode("utf-8", "surrogatepass"))
+
+    def prompt_tokens(self, req: GenerationRequest) -> int:
+        """Tokens of the prompt as the model reads it; 4 bytes a token without a tokenizer."""
+        text = self.prompt_text(req)
+        if self._tokenizer is not None and text is not None:
+            return self._tokenizer.token_count(text)
+        return math.ceil(self.prompt_bytes(req) / 4)
 
     async def admit(self, req: GenerationRequest, key: KeyRecord | None) -> None:
         """Charge the request to its key's bucket; raises the limiter's typed error."""
         if self.limiter is None:
             return
         weights = self.limiter.config.cost
-        cost = request_cost(self.prompt_tokens(req.prompt), req.max_tokens, weights)
+        cost = request_cost(self.prompt_tokens(req), req.max_tokens, weights)
         key_id, tier = (key.key_id, key.tier) if key is not None else (ANONYMOUS, None)
         decision = await self.limiter.try_acquire(key_id, tier, cost)
         error = decision.to_error()

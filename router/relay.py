@@ -191,10 +191,10 @@ def _exhausted(
 
 
 async def score_on(
-    backends: Sequence[Backend], prompt: str, deadline: float, timeouts: RelayTimeouts,
-    attempts: int = 2,
+    backends: Sequence[Backend], request: pb.ScoreRequest, deadline: float,
+    timeouts: RelayTimeouts, attempts: int = 2,
 ) -> tuple[pb.ScoreResponse, Backend]:
-    """Score ``prompt`` on the first of ``backends`` that answers (failing over like generate)."""
+    """Score ``request`` on the first of ``backends`` that answers (failing over like generate)."""
     failures: list[str] = []
     refusals: list[float | None] = []
     for backend in list(backends)[:attempts]:
@@ -207,7 +207,7 @@ async def score_on(
         # Not counted in stats.begin/end: a prefill is brief, and edges score beside decoding.
         verdict = False
         try:
-            call = backend.inference.Score(pb.ScoreRequest(prompt=prompt), timeout=time_left)
+            call = backend.inference.Score(request, timeout=time_left)
             resp = await call
             backend.observe_trailers(await call.trailing_metadata())
             backend.breaker.record_success()

@@ -120,8 +120,11 @@ class RouterServicer:
             with self.metrics.track("Score", context):
                 try:
                     # Undecodable bytes have no prompt: the same INVALID_ARGUMENT as an empty one.
-                    prompt = "" if isinstance(request, Undecodable) else request.prompt
-                    scored = await self.flow.score(prompt, self._deadline(context))
+                    if isinstance(request, Undecodable):
+                        request = pb.ScoreRequest()
+                    prompt, messages = convert.score_input_from_proto(
+                        request, self.flow.config.limits)
+                    scored = await self.flow.score(prompt, messages, self._deadline(context))
                 except TandemError as e:
                     await abort(context, e, self.load_trailers())
                 context.set_trailing_metadata(self.load_trailers())

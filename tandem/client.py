@@ -8,19 +8,21 @@ Both talk to any Tandem endpoint â€” a router, the cloud tier or an edge node â€
         print(client.generate("Return a new list", max_tokens=32).text)
         for chunk in client.stream("The json module"):
             print(chunk.text, end="", flush=True)
+        print(client.chat([{"role": "user", "content": "What is the capital of France?"}]).text)
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 
 from core import convert, errors
 from core.auth import API_KEY_HEADER
 from core.engine_api import ServedBy, Timings, Usage
+from core.request import ChatMessage
 from protos.tandem.v1 import inference_pb2 as pb
 from protos.tandem.v1 import inference_pb2_grpc
 
@@ -62,9 +64,27 @@ class StreamChunk:
     timings: Timings | None
 
 
+# A chat turn as a ChatMessage, an OpenAI-style {"role": ..., "content": ...} or (role, content).
+Message: TypeAlias = ChatMessage | Mapping[str, str] | tuple[str, str]
+
+
+def _messages(messages: Iterable[Message]) -> list[pb.ChatMessage]:
+    out = []
+    for m in messages:
+        if isinstance(m, ChatMessage):
+            role, content = m.role, m.content
+        elif isinstance(m, Mapping):
+            role, content = m.get("role", ""), m.get("content", "")
+        else:
+            role, content = m
+        out.append(pb.ChatMessage(role=role, content=content))
+    return out
+
+
 def _request(prompt: str, **kw: Any) -> pb.GenerateRequest:
     msg = pb.GenerateRequest(
         prompt=prompt,
+        messages=_messages(kw.get("messages") or ()),
         top_k=kw.get("top_k") or 0,
         stop=list(kw.get("stop") or ()),
         route=convert.ROUTE_VALUES[kw.get("route") or "auto"],
@@ -152,6 +172,18 @@ class Client:
         finally:
             call.cancel()
 
+    def chat(
+        self, messages: Iterable[Message], *, timeout: float | None = None, **kw: Any
+    ) -> Completion:
+        """The assistant's next turn after ``messages``, rendered with the model's template."""
+        return self.generate("", messages=list(messages), timeout=timeout, **kw)
+
+    def chat_stream(
+        self, messages: Iterable[Message], *, timeout: float | None = None, **kw: Any
+    ) -> Iterator[StreamChunk]:
+        """:meth:`chat`, streamed as :meth:`stream` streams."""
+        return self.stream("", messages=list(messages), timeout=timeout, **kw)
+
     def score(self, prompt: str, *, timeout: float | None = None) -> float:
         """The serving model's mean per-token loss on ``prompt`` (nats)."""
         try:
@@ -208,6 +240,16 @@ class AsyncClient:
             raise _error(e) from None
         finally:
             call.cancel()
+
+    async def chat(
+        self, messages: Iterable[Message], *, timeout: float | None = None, **kw: Any
+    ) -> Completion:
+        return await self.generate("", messages=list(messages), timeout=timeout, **kw)
+
+    def chat_stream(
+        self, messages: Iterable[Message], *, timeout: float | None = None, **kw: Any
+    ) -> AsyncIterator[StreamChunk]:
+        return self.stream("", messages=list(messages), timeout=timeout, **kw)
 
     async def score(self, prompt: str, *, timeout: float | None = None) -> float:
         try:

@@ -14,6 +14,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import pytest
@@ -233,7 +234,7 @@ class EchoEngine:
             yield Chunk(f" {word}", (i,), "length" if last else None,
                         Usage(len(words), len(words)) if last else None)
 
-    async def score(self, prompt: str) -> ScoreResult:
+    async def score(self, prompt: str, messages: tuple[Any, ...] = ()) -> ScoreResult:
         return ScoreResult(1.0, len(prompt.split()))
 
     async def start(self) -> None:

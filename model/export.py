@@ -1,9 +1,11 @@
-"""Build an edge artifact from a checkpoint: an onnxruntime-genai model (fp32, int8 or int4),
-its tokenizer and a manifest, written next to ``out_dir`` and renamed into place.
+"""Build an edge artifact from a checkpoint: an onnxruntime-genai model built with a pinned
+recipe (``model/recipes.py``), its tokenizer, router calibration and a manifest that records the
+artifact's perplexity against its source, written next to ``out_dir`` and renamed into place.
 
 The ONNX graph, KV cache layout, weight quantization (MatMulNBits) and ``genai_config.json`` come
 from onnxruntime-genai's model builder, run as a subprocess: it imports transformers and holds the
-whole fp32 model in memory, and neither should stay in the calling process.
+whole fp32 model in memory, and neither should stay in the calling process. The measurement
+(``model/quality.py``) runs here, once the builder is done.
 """
 
 from __future__ import annotations
@@ -20,13 +22,25 @@ from importlib import metadata
 from pathlib import Path
 
 from core.durable import fsync_dir
+from model.catalog import RECORD_FILE
 from model.manifest import (
     CALIBRATION_FILE,
-    QUANTIZATIONS,
     Manifest,
+    Quality,
     build_manifest,
     write_manifest,
 )
+from model.quality import QUALITY_BUDGET, SourceReference
+from model.recipes import (
+    AUTO,
+    AUTO_CANDIDATES,
+    PRECISIONS,
+    QUANT_OPTIONS,
+    RECIPES,
+    Recipe,
+    resolve_recipe,
+)
+from model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +49,19 @@ BUILDER_MODULE = "onnxruntime_genai.models.builder"
 SUPPORTED_ARCHITECTURES = frozenset({"LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"})
 # The checkpoint's tokenizer files, copied into the artifact verbatim.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# The recipe a checkpoint gets when neither the caller nor its catalog record names one.
+DEFAULT_RECIPE = "int4"
+__all__ = [
+    "CALIBRATION_FILE",
+    "QUANT_OPTIONS",
+    "ExportError",
+    "QualityBudgetError",
+    "export_edge_artifact",
+]
 
 
 # Files the edge runtime cannot work without.
 REQUIRED_FILES = ("genai_config.json", "model.onnx", "model.onnx.data", "tokenizer.json")
-# Pinned rather than left to the builder's defaults, so a newer builder cannot silently change
-# what "int4" means. block_size 32 divides every hidden size we use; accuracy_level 4 quantizes
-# activations to int8 inside MatMulNBits, the fastest CPU kernel (held-out perplexity within
-# 0.5% of fp32 on the micro model).
-QUANT_OPTIONS = ("block_size=32", "accuracy_level=4")
 # Packages whose versions go into the manifest's created_by.
 PROVENANCE_PACKAGES = (
     "tandem",
@@ -61,59 +79,142 @@ class ExportError(RuntimeError):
     """The model builder failed or produced an incomplete artifact."""
 
 
+class QualityBudgetError(ExportError):
+    """Recipe ``auto`` found no candidate within the perplexity budget."""
+
+
 def export_edge_artifact(
     checkpoint_dir: Path,
     out_dir: Path,
-    quantization: str,
+    recipe: str | Recipe | None,
     base_version: str,
     *,
     model_version: str | None = None,
     timeout_s: float | None = None,
+    measure: bool = True,
+    calibrate: bool | None = None,
+    budget: float = QUALITY_BUDGET,
 ) -> Manifest:
     """Export ``checkpoint_dir`` to an edge artifact at ``out_dir`` and return its manifest.
 
-    ``out_dir`` is replaced whole or not at all; ``model_version`` defaults to
-    ``"{base_version}-{quantization}"``.
+    ``recipe`` is a recipe or its name (``int4``, ``int8`` and ``fp32`` keep their pinned
+    options); None takes the checkpoint's catalog record's recipe, else ``int4``; ``auto``
+    builds the candidates smallest first and keeps the first within ``budget`` (relative
+    perplexity). ``measure`` records perplexity against the source in the manifest.
+    ``calibrate`` writes the router calibration measured on the artifact; None does so for a
+    catalog model without a calibration of its own (the router's default threshold was measured
+    on the shipped demo pair; federation writes its own). ``out_dir`` is replaced whole or not
+    at all; ``model_version`` defaults to ``"{base_version}-{recipe name}"``.
     """
     checkpoint_dir, out_dir = Path(checkpoint_dir).resolve(), Path(out_dir).resolve()
-    _check_inputs(checkpoint_dir, quantization, base_version)
-    model_version = model_version or f"{base_version}-{quantization}"
+    candidates = _candidates(checkpoint_dir, recipe)
+    if len(candidates) > 1 and not measure:
+        raise ValueError(f"recipe {AUTO!r} chooses by measurement; it needs measure=True")
+    _check_inputs(checkpoint_dir, base_version)
+    catalog_model = (checkpoint_dir / RECORD_FILE).is_file()
+    if calibrate is None:
+        calibrate = catalog_model and not (checkpoint_dir / CALIBRATION_FILE).is_file()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # The work dir sits beside out_dir so the final rename stays on one filesystem.
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))
     try:
         start = time.perf_counter()
-        artifact = work / "artifact"
-        _run_builder(checkpoint_dir, artifact, work / "cache", quantization, timeout_s)
-        _finish_artifact(checkpoint_dir, artifact)
+        reference = SourceReference(checkpoint_dir) if measure else None
+        chosen, artifact, quality = _build_within_budget(
+            checkpoint_dir, work, candidates, reference, budget, timeout_s
+        )
+        if calibrate:
+            _calibrate(checkpoint_dir, artifact)
         manifest = build_manifest(
             artifact,
-            model_version=model_version,
+            model_version=model_version or f"{base_version}-{chosen.name}",
             base_version=base_version,
-            quantization=quantization,
+            quantization=chosen.precision,
             created_by=_created_by(),
+            recipe=chosen,
+            quality=quality,
         )
         write_manifest(artifact, manifest)
         _fsync_tree(artifact)
         _swap_into_place(artifact, out_dir, work)
         log.info(
-            "exported %s to %s (%s, %.1f MB) in %.1f s",
+            "exported %s to %s (%s, %.1f MB%s) in %.1f s",
             checkpoint_dir,
             out_dir,
-            quantization,
+            chosen.name,
             manifest.total_size / 1e6,
+            f", {quality.describe()}" if quality else "",
             time.perf_counter() - start,
         )
-        return manifest
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if catalog_model:
+        from model.catalog import record_export
+
+        record_export(checkpoint_dir, out_dir, manifest, remember_recipe=len(candidates) > 1)
+    return manifest
 
 
-def _check_inputs(checkpoint_dir: Path, quantization: str, base_version: str) -> None:
-    if quantization not in QUANTIZATIONS:
+def _candidates(checkpoint_dir: Path, recipe: str | Recipe | None) -> list[Recipe]:
+    """The recipes to build, in order: one, or ``auto``'s candidates smallest first."""
+    if recipe is None:
+        from model.catalog import recorded_recipe
+
+        recipe = recorded_recipe(checkpoint_dir) or DEFAULT_RECIPE
+    if recipe == AUTO:
+        return [RECIPES[name] for name in AUTO_CANDIDATES]
+    try:
+        return [resolve_recipe(recipe)]
+    except ValueError:
+        others = ", ".join(n for n in RECIPES if n not in PRECISIONS)
         raise ValueError(
-            f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}"
-        )
+            f"quantization must be one of {', '.join(PRECISIONS)}, a recipe ({others}) or "
+            f"{AUTO!r}; got {recipe!r}"
+        ) from None
+
+
+def _build_within_budget(
+    checkpoint_dir: Path,
+    work: Path,
+    candidates: list[Recipe],
+    reference: SourceReference | None,
+    budget: float,
+    timeout_s: float | None,
+) -> tuple[Recipe, Path, Quality | None]:
+    """Build each candidate until one is within ``budget``; a single one is kept regardless
+    (publishing is where the budget is enforced)."""
+    rejected: list[str] = []
+    for candidate in candidates:
+        artifact = work / f"artifact-{candidate.name}"
+        _run_builder(checkpoint_dir, artifact, work / "cache", candidate, timeout_s)
+        _finish_artifact(checkpoint_dir, artifact)
+        quality = reference.measure(artifact) if reference is not None else None
+        if quality is None or len(candidates) == 1 or quality.relative_change <= budget:
+            if quality is not None and quality.relative_change > budget:
+                log.warning("%s: %s, over the %.1f%% budget", candidate.name,
+                            quality.describe(), budget * 100)
+            return candidate, artifact, quality
+        log.info("auto: %s is over budget (%s); trying the next recipe", candidate.name,
+                 quality.describe())
+        rejected.append(f"{candidate.name} {quality.relative_change:+.1%}")
+        shutil.rmtree(artifact)
+    raise QualityBudgetError(
+        f"no recipe keeps {checkpoint_dir} within {budget:.1%} of its perplexity "
+        f"({', '.join(rejected)})"
+    )
+
+
+def _calibrate(checkpoint_dir: Path, artifact: Path) -> None:
+    """Measure the router's settings on the artifact itself and write its calibration.json."""
+    from model.quality import ArtifactScorer, calibrate, write_calibration
+
+    calibration = calibrate(ArtifactScorer(artifact), Tokenizer.from_dir(checkpoint_dir))
+    write_calibration(artifact, calibration)
+    log.info("calibrated %s: difficulty threshold %.3f, cascade threshold %s", artifact.name,
+             calibration["difficulty_threshold"], calibration.get("cascade_threshold"))
+
+
+def _check_inputs(checkpoint_dir: Path, base_version: str) -> None:
     if not base_version:
         raise ValueError("base_version must be a non-empty string")
     config_path = checkpoint_dir / "config.json"
@@ -134,7 +235,7 @@ def _check_inputs(checkpoint_dir: Path, quantization: str, base_version: str) ->
 
 
 def _run_builder(
-    checkpoint_dir: Path, out: Path, cache: Path, quantization: str, timeout_s: float | None
+    checkpoint_dir: Path, out: Path, cache: Path, recipe: Recipe, timeout_s: float | None
 ) -> None:
     """Run the onnxruntime-genai model builder for the CPU execution provider."""
     cmd = [
@@ -146,14 +247,14 @@ def _run_builder(
         "-o",
         str(out),
         "-p",
-        quantization,
+        recipe.precision,
         "-e",
         "cpu",
         "-c",
         str(cache),
         "--extra_options",
         "hf_token=false",  # a local directory: never look up Hugging Face credentials
-        *(QUANT_OPTIONS if quantization != "fp32" else ()),
+        *recipe.options,
     ]
     env = os.environ | {
         # No downloads at export time, and no writes to the user's Hugging Face cache.
@@ -176,7 +277,7 @@ def _run_builder(
         log.error("model builder failed (exit %d); stderr:\n%s", proc.returncode, tail)
         last = next((line for line in reversed(tail.splitlines()) if line.strip()), "no stderr")
         raise ExportError(
-            f"onnxruntime-genai model builder failed for {checkpoint_dir} ({quantization}) "
+            f"onnxruntime-genai model builder failed for {checkpoint_dir} ({recipe.name}) "
             f"with exit code {proc.returncode}: {last}"
         )
 

@@ -10,23 +10,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from core.durable import write_atomic
+from model.recipes import PRECISIONS, Recipe
 
 FORMAT = "onnxruntime-genai"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-QUANTIZATIONS = ("fp32", "int8", "int4")
+QUANTIZATIONS = PRECISIONS
 # Files at the artifact root that the manifest does not list (itself; the signature goes here).
 UNLISTED_FILES = frozenset({MANIFEST_NAME})
 _CHUNK = 1 << 20
 
 # Beside the model files when the version was calibrated: the router's difficulty threshold
-# for it (written by federation, copied by export, read by the edge engine).
+# for it (measured at export or by federation, read by the edge engine).
 CALIBRATION_FILE = "calibration.json"
 
 
@@ -57,8 +59,84 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
+class TextQuality:
+    """Perplexity of source and artifact on one held-out text's windows."""
+
+    text: str
+    windows: int
+    source_perplexity: float
+    artifact_perplexity: float
+
+
+@dataclass(frozen=True)
+class Quality:
+    """The artifact's perplexity against its source checkpoint's, on the same token windows.
+
+    ``relative_change`` is ``artifact / source - 1`` (0.03: 3% worse). ``tokens_sha256`` hashes
+    the scored ids, so two measurements can be told to be on the same windows.
+    """
+
+    source_perplexity: float
+    artifact_perplexity: float
+    relative_change: float
+    window_tokens: int
+    tokens_sha256: str
+    texts: tuple[TextQuality, ...]
+
+    def __post_init__(self) -> None:
+        # Canonical JSON has no NaN or Infinity, and a perplexity is at least 1.
+        values = (self.source_perplexity, self.artifact_perplexity, self.relative_change,
+                  *(p for t in self.texts for p in (t.source_perplexity, t.artifact_perplexity)))
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"quality values must be finite numbers, got {values}")
+        if self.window_tokens < 2 or not self.texts or not _is_sha256(self.tokens_sha256):
+            raise ValueError("quality needs texts, windows of >= 2 tokens and a sha256")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source_perplexity": self.source_perplexity,
+            "artifact_perplexity": self.artifact_perplexity,
+            "relative_change": self.relative_change,
+            "window_tokens": self.window_tokens,
+            "tokens_sha256": self.tokens_sha256,
+            "texts": [
+                {"text": t.text, "windows": t.windows, "source_perplexity": t.source_perplexity,
+                 "artifact_perplexity": t.artifact_perplexity}
+                for t in self.texts
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Quality:
+        return cls(
+            source_perplexity=float(raw["source_perplexity"]),
+            artifact_perplexity=float(raw["artifact_perplexity"]),
+            relative_change=float(raw["relative_change"]),
+            window_tokens=int(raw["window_tokens"]),
+            tokens_sha256=str(raw["tokens_sha256"]),
+            texts=tuple(
+                TextQuality(str(t["text"]), int(t["windows"]), float(t["source_perplexity"]),
+                            float(t["artifact_perplexity"]))
+                for t in raw["texts"]
+            ),
+        )
+
+    def describe(self) -> str:
+        """One line for people: "perplexity 24.16 vs source 24.04 (+0.5%) on 12 x 512 tokens"."""
+        windows = sum(t.windows for t in self.texts)
+        return (f"perplexity {self.artifact_perplexity:.2f} vs source "
+                f"{self.source_perplexity:.2f} ({self.relative_change:+.1%}) on {windows} x "
+                f"{self.window_tokens} tokens of {', '.join(t.text for t in self.texts)}")
+
+
+@dataclass(frozen=True)
 class Manifest:
-    """What an edge artifact is (versions, quantization, producer) and the files it holds."""
+    """What an edge artifact is (versions, quantization, producer) and the files it holds.
+
+    ``recipe`` (the builder options, ``model/recipes.py``) and ``quality`` (perplexity against
+    the source) are None in manifests written before exports recorded them; they are left out
+    of the JSON then, so those manifests keep their bytes and signatures.
+    """
 
     format: str
     format_version: int
@@ -67,6 +145,8 @@ class Manifest:
     quantization: str
     created_by: str
     files: tuple[FileEntry, ...]
+    recipe: Recipe | None = None
+    quality: Quality | None = None
 
     def __post_init__(self) -> None:
         if self.format != FORMAT:
@@ -92,7 +172,7 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready form."""
-        return {
+        out: dict[str, Any] = {
             "format": self.format,
             "format_version": self.format_version,
             "model_version": self.model_version,
@@ -101,6 +181,11 @@ class Manifest:
             "created_by": self.created_by,
             "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in self.files],
         }
+        if self.recipe is not None:
+            out["recipe"] = self.recipe.to_dict()
+        if self.quality is not None:
+            out["quality"] = self.quality.to_dict()
+        return out
 
     def to_json_bytes(self) -> bytes:
         """Canonical bytes: the exact content of ``manifest.json`` and the input to signing."""
@@ -124,6 +209,8 @@ class Manifest:
                 quantization=raw["quantization"],
                 created_by=raw["created_by"],
                 files=files,
+                recipe=Recipe.from_dict(raw["recipe"]) if raw.get("recipe") else None,
+                quality=Quality.from_dict(raw["quality"]) if raw.get("quality") else None,
             )
         except (ValueError, KeyError, TypeError) as e:
             raise ArtifactIntegrityError(f"malformed manifest: {e}") from e
@@ -182,6 +269,8 @@ def build_manifest(
     base_version: str,
     quantization: str,
     created_by: str,
+    recipe: Recipe | None = None,
+    quality: Quality | None = None,
 ) -> Manifest:
     """Hash every file under ``root`` (except ``manifest.json``) into a new Manifest."""
     root = Path(root)
@@ -200,6 +289,8 @@ def build_manifest(
         quantization=quantization,
         created_by=created_by,
         files=entries,
+        recipe=recipe,
+        quality=quality,
     )
 
 

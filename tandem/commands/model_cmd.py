@@ -25,8 +25,14 @@ def register(groups: Any) -> None:
     model = groups.add_parser("model", help="inspect, rebuild and export the model pair")
     sub = model.add_subparsers(dest="command", metavar="ACTION", required=True)
 
-    info = sub.add_parser("info", help="show the demo pair: sizes, perplexities, versions")
+    info = sub.add_parser("info", help="show a catalog model, checkpoint or edge artifact "
+                                       "(default: the demo pair)")
+    info.add_argument("target", nargs="?", default=None, metavar="NAME|DIR",
+                      help="catalog model name, checkpoint or artifact directory (default: the "
+                           "demo pair's sizes, perplexities and versions)")
     info.add_argument("--dir", type=Path, default=None, help="pair directory (default: shipped)")
+    info.add_argument("--models-dir", type=Path, default=None, metavar="DIR",
+                      help="catalog directory (env TANDEM_MODELS, default ~/.tandem/models)")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=cmd_info)
 
@@ -64,11 +70,29 @@ def register(groups: Any) -> None:
     train.add_argument("--batch-size", type=int, default=None)
     train.set_defaults(func=cmd_train)
 
-    export = sub.add_parser("export", help="build an edge artifact (ONNX Runtime GenAI)")
-    export.add_argument("--checkpoint", type=Path, default=None,
-                        help="checkpoint directory (default: the shipped edge model)")
+    export = sub.add_parser("export", help="build an edge artifact (ONNX Runtime GenAI), "
+                                           "measured against its source")
+    export.add_argument("--checkpoint", default=None, metavar="NAME|DIR",
+                        help="catalog model name or checkpoint directory (default: the shipped "
+                             "edge model)")
     export.add_argument("--out", type=Path, required=True)
-    export.add_argument("--quantization", choices=("int4", "int8", "fp32"), default="int4")
+    export.add_argument("--recipe", "--quantization", dest="recipe", default=None,
+                        metavar="RECIPE",
+                        help="builder recipe: int4, int8, fp32, a named recipe (model/recipes.py) "
+                             "or auto (smallest within --max-ppl-increase); default: the catalog "
+                             "model's recipe, else int4")
+    export.add_argument("--max-ppl-increase", type=_percent, default=None, metavar="PERCENT",
+                        help="budget for --recipe auto: relative perplexity increase over the "
+                             "source (default 3)")
+    export.add_argument("--no-measure", dest="measure", action="store_false",
+                        help="skip the perplexity measurement (publish then warns)")
+    calibrate = export.add_mutually_exclusive_group()
+    calibrate.add_argument("--calibrate", dest="calibrate", action="store_const", const=True,
+                           default=None, help="measure the router calibration on the artifact "
+                                              "(default for catalog models)")
+    calibrate.add_argument("--no-calibrate", dest="calibrate", action="store_const", const=False,
+                           help="ship no calibration.json: the router's default threshold "
+                                "applies (default for the demo pair, which it was measured on)")
     export.set_defaults(func=cmd_export)
     register_versions(sub)
 
@@ -85,11 +109,29 @@ def register_versions(sub: Any) -> None:
     publish.add_argument("--make-current", action="store_true",
                          help="serve it on every node now, without a canary rollout "
                               "(the first version published becomes current anyway)")
+    publish.add_argument("--max-ppl-increase", type=_percent, default=None, metavar="PERCENT",
+                         help="refuse an artifact whose perplexity is more than this much above "
+                              "its source checkpoint's (default 3); an artifact without a "
+                              "measurement is published with a warning")
+    publish.add_argument("--allow-degraded", action="store_true",
+                         help="publish even over the perplexity limit (warns)")
     publish.set_defaults(func=cmd_publish)
     versions = sub.add_parser("versions", help="list published edge model versions")
     data_dir_flag(versions)
     versions.add_argument("--json", action="store_true", help="machine-readable output")
     versions.set_defaults(func=cmd_versions)
+
+
+def _percent(text: str) -> float:
+    """A percentage flag (``3`` or ``3%``) as a fraction, 0 or more."""
+    try:
+        value = float(text.rstrip("%")) / 100
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a percentage like 3 or 2.5, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
+    return value
 
 
 def _pair_dir(arg: Path | None) -> Path:
@@ -99,6 +141,8 @@ def _pair_dir(arg: Path | None) -> Path:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    if args.target is not None:
+        return _info_of(args.target, args.models_dir, args.json)
     from model.checkpoint import checkpoint_version, read_metadata
 
     pair = _pair_dir(args.dir)
@@ -138,6 +182,19 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _info_of(target: str, models_dir: Path | None, as_json: bool) -> int:
+    from model.catalog import CatalogError
+    from tandem.commands.model_info import describe, render
+
+    try:
+        facts = describe(target, models_dir)
+    except CatalogError as e:
+        print(f"tandem: error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(facts, indent=2) if as_json else "\n".join(render(facts)))
+    return 0
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     from model.catalog import PACKAGED, CatalogError, import_model
 
@@ -160,7 +217,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from model.catalog import default_root, list_models
+    from model.catalog import default_root, exports, list_models
 
     records = list_models(args.models_dir)
     if args.json:
@@ -170,10 +227,16 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"no models in {args.models_dir or default_root()}; add one with "
               "`tandem model import SOURCE`")
         return 0
-    print(f"{'NAME':<28} {'ARCH':<8} {'PARAMS':>8} {'CONTEXT':>8} {'SIZE':>8}  TEMPLATE")
+    root = args.models_dir or default_root()
+    print(f"{'NAME':<28} {'ARCH':<8} {'PARAMS':>8} {'CONTEXT':>8} {'SIZE':>8}  {'TEMPLATE':<8}  "
+          "EDGE (latest export: recipe, perplexity vs source)")
     for r in records:
+        latest = exports(root / r.name)[-1:]
+        edge = (f"{latest[0]['recipe']} {latest[0]['quality']['relative_change']:+.1%}"
+                if latest and latest[0].get("quality") else
+                f"{latest[0]['recipe']} not measured" if latest else "-")
         print(f"{r.name:<28} {r.architecture:<8} {r.parameters / 1e6:>7.1f}M {r.context:>8} "
-              f"{r.size_bytes / 1e6:>6.0f}MB  {'chat' if r.chat_template else '-'}")
+              f"{r.size_bytes / 1e6:>6.0f}MB  {'chat' if r.chat_template else '-':<8}  {edge}")
     return 0
 
 
@@ -215,28 +278,55 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from model.catalog import CatalogError, model_dir
     from model.checkpoint import checkpoint_version
-    from model.export import export_edge_artifact
+    from model.export import ExportError, export_edge_artifact
+    from model.quality import QUALITY_BUDGET
 
-    checkpoint = args.checkpoint or _pair_dir(None) / "edge"
-    manifest = export_edge_artifact(
-        checkpoint, args.out, args.quantization, base_version=checkpoint_version(checkpoint)
-    )
-    size = sum(f.size for f in manifest.files)
-    print(f"wrote {args.out}: {manifest.model_version} ({manifest.quantization}, "
-          f"{size / 1e6:.1f} MB, {len(manifest.files)} files)")
+    try:
+        checkpoint = (_pair_dir(None) / "edge" if args.checkpoint is None
+                      else Path(args.checkpoint).expanduser() if "/" in args.checkpoint
+                      or Path(args.checkpoint).is_dir() else model_dir(args.checkpoint))
+        budget = QUALITY_BUDGET if args.max_ppl_increase is None else args.max_ppl_increase
+        print(f"exporting {checkpoint} ({args.recipe or 'its recipe'}) ...", flush=True)
+        manifest = export_edge_artifact(
+            checkpoint, args.out, args.recipe, checkpoint_version(checkpoint),
+            measure=args.measure, calibrate=args.calibrate, budget=budget,
+        )
+    except (CatalogError, ExportError, ValueError) as e:
+        print(f"tandem: error: {e}", file=sys.stderr)
+        return 1
+    recipe = manifest.recipe.name if manifest.recipe else manifest.quantization
+    print(f"wrote {args.out}: {manifest.model_version} ({recipe}, "
+          f"{manifest.total_size / 1e6:.1f} MB, {len(manifest.files)} files)")
+    if manifest.quality is not None:
+        over = manifest.quality.relative_change > budget
+        print(f"quality: {manifest.quality.describe()}"
+              + (f"; over the {budget:.1%} budget: `tandem model publish` will refuse it"
+                 if over else ""))
     return 0
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
     from control.datadir import ControlData
-    from control.publish import publish_model
+    from control.publish import check_quality, publish_model
+    from model.manifest import read_manifest
+    from model.quality import QUALITY_BUDGET
+
+    budget = QUALITY_BUDGET if args.max_ppl_increase is None else args.max_ppl_increase
 
     def publish() -> int:
+        verdict = check_quality(read_manifest(args.artifact), budget)
+        if not verdict.measured:
+            print(f"tandem: warning: {verdict.message}", file=sys.stderr)
+        elif not verdict.passed and args.allow_degraded:
+            print(f"tandem: WARNING: publishing a degraded artifact (--allow-degraded): "
+                  f"{verdict.message}", file=sys.stderr)
         with ControlData.open(data_dir(args)) as data:
             record, created = publish_model(
                 data, args.artifact, notes=args.notes, model_version=args.model_version,
-                make_current=True if args.make_current else None)
+                make_current=True if args.make_current else None, max_ppl_increase=budget,
+                allow_degraded=args.allow_degraded)
             current = data.store.current_version()
         verb = "published" if created else "already published:"
         print(f"{verb} {record.version} ({record.quantization}, {record.total_size / 1e6:.1f} "
@@ -261,16 +351,26 @@ def cmd_versions(args: argparse.Namespace) -> int:
             "version": v.version, "current": v.version == current, "created_at": v.created_at,
             "quantization": v.quantization, "total_size": v.total_size,
             "base_version": v.base_version, "parent_version": v.parent_version,
-            "key_id": v.key_id, "notes": v.notes,
+            "key_id": v.key_id, "notes": v.notes, "quality": _quality_of(v.manifest_json),
         } for v in versions], indent=2))
         return 0
     if not versions:
         print("no versions published yet: `tandem model publish DIR`")
         return 0
-    print(f"  {'VERSION':<36} {'CREATED':<20} {'QUANT':<6} {'SIZE':>9}  NOTES")
+    print(f"  {'VERSION':<36} {'CREATED':<20} {'QUANT':<6} {'SIZE':>9} {'PPL':>7}  NOTES")
     for v in versions:
         mark = "*" if v.version == current else " "
+        quality = _quality_of(v.manifest_json)
+        change = "-" if quality is None else f"{quality['relative_change']:+.1%}"
         print(f"{mark} {v.version:<36} {when(v.created_at):<20} {v.quantization:<6} "
-              f"{v.total_size / 1e6:>7.1f}MB  {v.notes}")
-    print("(* the fleet's current version)")
+              f"{v.total_size / 1e6:>7.1f}MB {change:>7}  {v.notes}")
+    print("(* the fleet's current version; PPL: perplexity change against the source checkpoint)")
     return 0
+
+
+def _quality_of(manifest_json: bytes) -> dict[str, Any] | None:
+    """The quality measurement a published manifest records, if any."""
+    from model.manifest import Manifest
+
+    quality = Manifest.from_json_bytes(manifest_json).quality
+    return quality.to_dict() if quality else None

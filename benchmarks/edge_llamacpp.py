@@ -159,7 +159,7 @@ class Sections:
 def measure_latency(workers: list[Worker], prompts: list[list[int]], sections: Sections,
                     args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Interleaved blocks per (engine, batch); raw samples per ``"{engine}/b{batch}"``."""
-    raw = {f"{w.name}/b{b}": {"prefill_ms": [], "decode_ms": [], "tokens": []}
+    raw = {f"{w.name}/b{b}": {"prefill_ms": [], "decode_ms": [], "tokens": [], "by_round": []}
            for b in BATCH_SIZES for w in workers}
     for r in range(args.rounds):
         order = workers if r % 2 == 0 else workers[::-1]
@@ -173,6 +173,8 @@ def measure_latency(workers: list[Worker], prompts: list[list[int]], sections: S
                     into["prefill_ms"] += reply["prefill_ms"]
                     into["decode_ms"] += reply["decode_ms"]
                     into["tokens"] = reply["tokens"]
+                    # Kept per round, so a round that a burst of load hit can be told apart.
+                    into["by_round"].append({k: reply[k] for k in ("prefill_ms", "decode_ms")})
 
         sections.run(f"latency round {r + 1}/{args.rounds} ({' '.join(w.name for w in order)})",
                      one_round)
@@ -349,6 +351,7 @@ def main() -> None:
         "latency": {k: summarize(v, int(k.rsplit("/b", 1)[1]), args.prompt_len)
                     for k, v in raw.items()},
         "variants": variants,
+        "samples": {k: v["by_round"] for k, v in raw.items()},
     }
     table = markdown(result)
     print("\n" + table)

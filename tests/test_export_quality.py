@@ -141,7 +141,7 @@ def test_the_budget_flag_sets_the_limit(
     code, _, err = cli(capsys, "model", "publish", str(demo_edge_int4), "--data-dir", data,
                        "--max-ppl-increase", below)
     assert code == 1 and "--allow-degraded" in err
-    code, out, err = cli(capsys, "model", "publish", str(demo_edge_int4), "--data-dir", data)
+    code, _, err = cli(capsys, "model", "publish", str(demo_edge_int4), "--data-dir", data)
     assert code == 0, err
     assert "warning" not in err.lower()
 
@@ -152,7 +152,7 @@ def test_an_unmeasured_artifact_publishes_with_a_warning(
 ) -> None:
     artifact = demo_edge_int4_copy(tmp_path / "old", None)
     write_manifest(artifact, dataclasses.replace(read_manifest(artifact), quality=None))
-    code, out, err = cli(capsys, "model", "publish", str(artifact), "--data-dir",
+    code, _, err = cli(capsys, "model", "publish", str(artifact), "--data-dir",
                          str(tmp_path / "control"))
     assert code == 0, err
     assert "warning" in err and "no perplexity measurement" in err

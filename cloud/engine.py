@@ -26,6 +26,7 @@ import torch
 
 from cloud.batch_step import BatchStepper, DecodeConfig
 from cloud.batcher import ContinuousBatcher, TokenSequence
+from cloud.kv_budget import plan_kv_cache
 from cloud.scheduler import Scheduler, SchedulerConfig
 from core.engine_api import (
     Chunk,
@@ -55,8 +56,11 @@ class CloudEngineConfig:
     # None: bfloat16 on CUDA, float32 on CPU (CPU bf16 matmuls are slow and gain nothing here).
     dtype: str | None = None
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    # Longest sequence (prompt + generated) a slot holds; None: the model's context.
+    # Longest sequence (prompt + generated) a slot holds; None: the model's context. The KV
+    # cache budget may shorten it further (cloud/kv_budget.py).
     max_context: int | None = None
+    # Bytes the static KV cache may take; None: a share of the device's free memory.
+    kv_cache_bytes: int | None = None
     limits: Limits = field(default_factory=Limits)
     # torch intra-op threads on CPU; None leaves torch's default.
     threads: int | None = None
@@ -88,7 +92,10 @@ class CloudEngine:
             self.model.fuse_projections()
         self.tokenizer = Tokenizer.from_dir(config.checkpoint)
         args = self.model.args
-        self.max_context = min(config.max_context or args.max_seq_len, args.max_seq_len)
+        self.kv_plan = plan_kv_cache(args, self.model.lm_head.weight.dtype, self.device,
+                                     config.scheduler.slots, max_context=config.max_context,
+                                     budget_bytes=config.kv_cache_bytes)
+        self.max_context = self.kv_plan.context
         self.cache = self.model.new_cache(config.scheduler.slots, self.max_context)
         # Generation stops at any of them; eos_id is the one the edge runtime also knows.
         self.eos_id, self.eos_ids = self.tokenizer.eos_id, self.tokenizer.eos_ids
@@ -109,9 +116,9 @@ class CloudEngine:
         self._jobs: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = deque()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        log.info("cloud engine: %s on %s (%s), %d slots x %d tokens, KV cache %.1f MB",
+        log.info("cloud engine: %s on %s (%s), KV cache %s; the model's context is %d",
                  self._info.served_by.model_version, self.device, dtype,
-                 config.scheduler.slots, self.max_context, self.cache.nbytes / 1e6)
+                 self.kv_plan.describe(), args.max_seq_len)
 
     # ---- Engine protocol ----------------------------------------------------------------
 
@@ -158,8 +165,8 @@ class CloudEngine:
         if len(ids) + request.max_tokens > self.max_context:
             raise InvalidRequest(
                 f"prompt is {len(ids)} tokens and max_tokens is {request.max_tokens}; together "
-                f"they must fit the context of {self.max_context} tokens: shorten the prompt "
-                "or lower max_tokens"
+                f"they must fit the cloud tier's context of {self.max_context} tokens: shorten "
+                "the prompt or lower max_tokens"
             )
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Chunk | Exception] = asyncio.Queue()
@@ -207,7 +214,8 @@ class CloudEngine:
         ids = self.tokenizer.encode_prompt(prompt, messages)
         if len(ids) > self.max_context:
             raise InvalidRequest(
-                f"prompt is {len(ids)} tokens; the limit is {self.max_context}"
+                f"prompt is {len(ids)} tokens; the cloud tier scores at most {self.max_context} "
+                "tokens (its context): shorten the prompt"
             )
         total, n = await self._call_in_engine(lambda: sequence_nll(self.model, ids))
         return ScoreResult(mean_loss=total / max(1, n), prompt_tokens=len(ids))

@@ -21,6 +21,19 @@ from model.manifest import Manifest, read_manifest, verify_artifact
 
 log = logging.getLogger(__name__)
 
+# Tokens a Score prefills at a time (bounds the logits held: 256 x 49k vocabulary = 50 MB).
+SCORE_CHUNK = 256
+
+
+def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
+    """Summed negative log-likelihood of ``targets`` under rows of ``logits`` (R, V)."""
+    if len(targets) == 0:
+        return 0.0
+    pred = logits.astype(np.float64)
+    peak = pred.max(axis=-1)
+    log_norm = peak + np.log(np.exp(pred - peak[:, None]).sum(axis=-1))
+    return float((log_norm - pred[np.arange(len(targets)), targets]).sum())
+
 
 @dataclass(frozen=True)
 class _ModelInfo:
@@ -190,23 +203,32 @@ class EdgeRuntime:
         return math.exp(total / count)
 
     def _nll_sum(self, ids: np.ndarray) -> tuple[float, int]:
-        """Sum of next-token NLL over one window (len >= 2) and the number of predictions."""
+        """Sum of next-token NLL over one window (len >= 2) and the number of predictions.
+
+        The prompt is prefilled in chunks of ``SCORE_CHUNK`` tokens into one KV cache, so at
+        most a chunk's logits exist at a time: an 8k-token prompt at a 49k vocabulary would
+        otherwise materialise 1.6 GB of fp32 logits.
+        """
         params = og.GeneratorParams(self._model)
         params.set_search_options(max_length=len(ids), batch_size=1)
         generator = og.Generator(self._model, params)
-        generator.append_tokens(ids[None, :])
-        # After a prefill genai exposes the model's logits for every prompt position.
-        logits = generator.get_output("logits")
-        if logits.shape != (1, len(ids), self.vocab_size):
-            raise RuntimeError(
-                f"expected prefill logits of shape (1, {len(ids)}, {self.vocab_size}), got "
-                f"{logits.shape}; was the artifact built with prune_lm_head?"
-            )
-        pred = logits[0, :-1].astype(np.float64)  # (T-1, V): position t predicts token t+1
-        peak = pred.max(axis=-1)
-        log_norm = peak + np.log(np.exp(pred - peak[:, None]).sum(axis=-1))
-        target = pred[np.arange(len(ids) - 1), ids[1:]]
-        return float((log_norm - target).sum()), len(ids) - 1
+        total, carry = 0.0, None  # carry: the last logits row, which predicts the next chunk
+        for start in range(0, len(ids), SCORE_CHUNK):
+            piece = ids[start : start + SCORE_CHUNK]
+            generator.append_tokens(piece[None, :])
+            # After a prefill genai exposes the model's logits for every position appended.
+            logits = generator.get_output("logits")
+            if logits.shape != (1, len(piece), self.vocab_size):
+                raise RuntimeError(
+                    f"expected prefill logits of shape (1, {len(piece)}, {self.vocab_size}), "
+                    f"got {logits.shape}; was the artifact built with prune_lm_head?"
+                )
+            rows = logits[0]
+            if carry is not None:
+                total += _nll(carry[None, :], piece[:1])
+            total += _nll(rows[:-1], piece[1:])
+            carry = rows[-1].copy()
+        return total, len(ids) - 1
 
     def _check_ids(
         self, token_ids: Sequence[int], *, min_len: int, fit_context: bool = True

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tandem.commands import control_cmd
-from tandem.commands.flags import add_metrics_flags
+from tandem.commands.flags import add_metrics_flags, parse_size
 
 # Off the ports node_exporter (9100) and friends hold on the same hosts.
 METRICS_PORT = 9191
@@ -28,6 +28,10 @@ def register(groups: Any) -> None:
     serve.add_argument("--slots", type=int, default=8, help="sequences decoded together")
     serve.add_argument("--max-queue", type=int, default=64)
     serve.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    serve.add_argument("--max-context", type=int, default=None,
+                       help="cap the tokens a sequence may hold (default: the model's context)")
+    serve.add_argument("--kv-cache-memory", type=parse_size, default=None,
+                       help="KV cache budget, e.g. 4GiB (default: a share of free memory)")
     add_metrics_flags(serve, METRICS_PORT)
     serve.set_defaults(func=cmd_serve)
     control_cmd.register_cloud(sub)
@@ -54,6 +58,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             scheduler=SchedulerConfig(slots=args.slots, max_queue=args.max_queue),
             threads=args.threads,
+            max_context=args.max_context,
+            kv_cache_bytes=args.kv_cache_memory,
         ),
         server=ServerConfig(host=args.host, port=args.port),
         metrics=MetricsConfig.from_flags(args.metrics_port, METRICS_PORT, args.no_metrics),

@@ -26,3 +26,17 @@ def parse_duration(text: str) -> float:
             f"duration must be a positive number with an optional unit s, m, h or d "
             f"(e.g. 30m, 1h, 2d), got {text!r}")
     return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+
+
+_SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(|k|m|g|ki|mi|gi)b?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Bytes in ``512MiB``, ``4GiB``, ``2GB``, ``800M`` or a plain number of bytes."""
+    match = _SIZE.match(text)
+    if match is None or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"size must be a positive number with an optional unit (e.g. 512MiB, 4GiB, 2GB), "
+            f"got {text!r}")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])

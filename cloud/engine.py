@@ -165,8 +165,8 @@ class CloudEngine:
         if len(ids) + request.max_tokens > self.max_context:
             raise InvalidRequest(
                 f"prompt is {len(ids)} tokens and max_tokens is {request.max_tokens}; together "
-                f"they must fit the cloud tier's context of {self.max_context} tokens: shorten "
-                "the prompt or lower max_tokens"
+                f"they must fit the context of {self.max_context} tokens of the cloud tier: "
+                "shorten the prompt or lower max_tokens"
             )
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Chunk | Exception] = asyncio.Queue()

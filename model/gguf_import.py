@@ -6,9 +6,13 @@ byte-level BPE tokenizer (vocabulary, merges, special tokens, pre-tokenizer, cha
 The result loads with :func:`model.checkpoint.load_checkpoint`, ``Tokenizer.from_dir`` and
 transformers alike. Numpy and ``tokenizers`` only: no torch, no transformers, no llama.cpp.
 
-Supported: Llama-architecture GGUFs (Llama, Mistral, SmolLM) and Qwen2 (with q/k/v bias) whose
-tokenizer is GPT-2 style BPE (``tokenizer.ggml.model == "gpt2"``). SentencePiece GGUFs (Llama
-2) are refused with a message saying so.
+Supported: Llama-architecture GGUFs (Llama, Mistral, SmolLM, DeepSeek-R1-Distill-Llama) and
+Qwen2 (with q/k/v bias; DeepSeek-R1-Distill-Qwen) whose tokenizer is GPT-2 style BPE
+(``tokenizer.ggml.model == "gpt2"``). SentencePiece GGUFs (Llama 2) are refused with a message
+saying so. Rotary scaling comes back as the HF config's: linear from ``rope.scaling.*``, Llama 3
+(3.1 and later) from the ``rope_freqs.weight`` tensor, the only place llama.cpp's converter
+keeps it. A GGUF of Mistral is a "llama" one without its sliding window (llama.cpp writes
+none), so Mistral 7B v0.1's 4096-token window is not applied to an imported one.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 
-from model.config import ModelArgs
+from model.config import ModelArgs, RopeScaling
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +119,12 @@ def read_gguf(path: str | Path) -> GGUFModel:
         raise GGUFImportError(f"{path}: GGUF architecture {arch!r} is not supported; supported: "
                               f"{sorted(_ARCHITECTURES)}")
     args = _model_args(fields, arch)
+    rope_freqs = next((t for t in reader.tensors if str(t.name) == "rope_freqs.weight"), None)
+    if rope_freqs is not None:
+        if args.rope_scaling is not None:
+            raise GGUFImportError(f"{path}: GGUF has both {arch}.rope.scaling.type and "
+                                  "rope_freqs.weight; which one applies is unclear")
+        args = replace(args, rope_scaling=_llama3_scaling(_float32(rope_freqs), args, path))
     tensors = {hf: array for hf, array in _tensors(reader, args)}
     tied = "lm_head.weight" not in tensors
     args = replace(args, tie_word_embeddings=tied)
@@ -146,6 +156,17 @@ def _model_args(fields: _Fields, arch: str) -> ModelArgs:
     dim, n_heads = int(key("embedding_length")), int(key("attention.head_count"))
     tokens = fields.require("tokenizer.ggml.tokens", "GGUF")
     head_dim = int(fields.get(f"{arch}.attention.key_length") or dim // n_heads)
+    rotary_dim = fields.get(f"{arch}.rope.dimension_count")
+    if rotary_dim is not None and int(rotary_dim) != head_dim:
+        raise GGUFImportError(f"GGUF {arch}.rope.dimension_count {rotary_dim} is not the head "
+                              f"size {head_dim}: partial rotary embeddings are not supported")
+    scaling = None
+    scaling_type = fields.get(f"{arch}.rope.scaling.type")
+    if scaling_type == "linear":
+        scaling = RopeScaling("linear", float(key("rope.scaling.factor")))
+    elif scaling_type not in (None, "none"):
+        raise GGUFImportError(f"GGUF {arch}.rope.scaling.type {scaling_type!r} is not supported "
+                              "(only linear, and Llama 3's rope_freqs.weight)")
     return ModelArgs(
         vocab_size=int(fields.get(f"{arch}.vocab_size") or len(tokens)),
         dim=dim,
@@ -157,6 +178,7 @@ def _model_args(fields: _Fields, arch: str) -> ModelArgs:
         max_seq_len=int(key("context_length")),
         norm_eps=float(key("attention.layer_norm_rms_epsilon")),
         rope_theta=float(fields.get(f"{arch}.rope.freq_base") or 10000.0),
+        rope_scaling=scaling,
         qkv_bias=arch == "qwen2",
         architecture=_ARCHITECTURES[arch],
         bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
@@ -165,24 +187,58 @@ def _model_args(fields: _Fields, arch: str) -> ModelArgs:
     )
 
 
-def _tensors(reader: Any, args: ModelArgs) -> Any:
+def _float32(tensor: Any) -> np.ndarray:
     from gguf.quants import dequantize
 
+    return np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+
+
+def _llama3_scaling(factors: np.ndarray, args: ModelArgs, path: str | Path) -> RopeScaling | None:
+    """The Llama 3 rope scaling whose per-frequency divisors ``rope_freqs.weight`` holds.
+
+    llama.cpp's converter writes the divisors and no scaling keys, from low_freq_factor,
+    high_freq_factor (default 1 and 4) and an original context of 8192 (it reads no other):
+    the values of every Llama 3.x. They are recomputed and must match, or the file is refused.
+    """
+    factors = factors.astype(np.float64).ravel()
+    if factors.shape != (args.head_dim // 2,):
+        raise GGUFImportError(f"{path}: rope_freqs.weight has {factors.size} values, not one "
+                              f"per rotary frequency ({args.head_dim // 2})")
+    if np.allclose(factors, 1.0):
+        return None
+    scaling = RopeScaling("llama3", float(factors.max()), 1.0, 4.0, 8192)
+    inv_freq = args.rope_theta ** -(np.arange(0, args.head_dim, 2) / args.head_dim)
+    wavelen = 2 * np.pi / inv_freq
+    old, low, high = (scaling.original_max_position_embeddings, scaling.low_freq_factor,
+                      scaling.high_freq_factor)
+    smooth = (old / wavelen - low) / (high - low)
+    with np.errstate(divide="ignore"):  # the formula of the middle band, computed everywhere
+        middle = 1 / ((1 - smooth) / scaling.factor + smooth)
+    want = np.where(wavelen < old / high, 1.0,
+                    np.where(wavelen > old / low, scaling.factor, middle))
+    if not np.allclose(factors, want, rtol=1e-5, atol=0):
+        raise GGUFImportError(
+            f"{path}: rope_freqs.weight is not Llama 3 rope scaling with factor "
+            f"{scaling.factor:g}, low_freq_factor 1, high_freq_factor 4 and an original context "
+            "of 8192; import the HF directory instead")
+    return scaling
+
+
+def _tensors(reader: Any, args: ModelArgs) -> Any:
     for tensor in reader.tensors:
         name = str(tensor.name)
         if name in _GLOBAL_NAMES:
             hf = _GLOBAL_NAMES[name]
         elif (match := _LAYER.match(name)) and match.group(2) in _LAYER_NAMES:
             hf = f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}"
-        elif name == "rope_freqs.weight":  # llama3 rope scaling, recomputed from the config
+        elif name == "rope_freqs.weight":  # in the config's rope_scaling (see read_gguf)
             continue
         else:
             raise GGUFImportError(f"GGUF tensor {name!r} has no place in a "
                                   f"{args.architecture} checkpoint")
         # GGUF lists dims innermost first; numpy's (and HF's) order is the reverse.
         shape = tuple(int(d) for d in reversed(tensor.shape))
-        array = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
-        array = array.reshape(shape)
+        array = _float32(tensor).reshape(shape)
         # llama.cpp interleaves each head's rotary halves for q and k (Llama only; its
         # converter leaves Qwen2 alone); the permutation is undone row-wise.
         if args.architecture == "llama" and hf.endswith(("q_proj.weight", "q_proj.bias")):

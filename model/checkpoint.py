@@ -53,9 +53,11 @@ def load_checkpoint(
     config = path / "config.json"
     if not config.is_file():
         raise CheckpointError(f"{path} has no config.json; is it a checkpoint directory?")
-    files = sorted(path.glob("*.safetensors"))
+    files = weight_files(path)
     if not files:
         raise CheckpointError(f"{path} has no *.safetensors weights")
+    if absent := [f.name for f in files if not f.is_file()]:
+        raise CheckpointError(f"{path} lacks the weight shards {absent[:3]} its index names")
     try:
         args = ModelArgs.from_file(config)
     except ValueError as e:
@@ -83,6 +85,20 @@ def load_checkpoint(
     model.tie_weights()
     model.reset_rope(device)
     return model.eval()
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files that hold the HF model's weights, in name order.
+
+    The shard index names them where there is one; otherwise ``model*.safetensors`` if any, so
+    a second copy in another layout next to them (Mistral's ``consolidated.safetensors``) is
+    not mixed in; otherwise every ``*.safetensors``.
+    """
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = set(json.loads(index.read_text())["weight_map"].values())
+        return sorted(path / n for n in names)
+    return sorted(path.glob("model*.safetensors")) or sorted(path.glob("*.safetensors"))
 
 
 def save_checkpoint(

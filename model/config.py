@@ -2,7 +2,12 @@
 
 One frozen dataclass describes every architecture Tandem serves (Llama 2/3, Qwen2/2.5, Mistral,
 DeepSeek-R1-Distill): they differ only in a few switches (q/k/v bias, tied embeddings, rope
-scaling). Named presets follow gpt-fast's ``ModelArgs.from_name``.
+scaling, Mistral's sliding window). Named presets follow gpt-fast's ``ModelArgs.from_name``.
+
+``from_hf_config`` reads what transformers would build from the same ``config.json``, defaults
+included; a key that would change the computation in a way our decoder does not implement
+(another activation, MLP or output-projection bias, yarn rope, per-layer sliding windows,
+quantized weights) is refused with a ValueError that names it, never ignored.
 """
 
 from __future__ import annotations
@@ -13,11 +18,24 @@ from pathlib import Path
 from typing import Any
 
 # Architectures whose checkpoints load into our decoder; the value is the HF class name.
-# Mistral's sliding window is not applied: contexts Tandem serves stay inside it.
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "mistral": "MistralForCausalLM",
+}
+# transformers' defaults for keys a config.json may leave out (LlamaConfig, Qwen2Config,
+# MistralConfig): a missing key means what it means to transformers.
+_HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {"max_position_embeddings": 2048},
+    "qwen2": {"max_position_embeddings": 32768, "max_window_layers": 28},
+    "mistral": {"max_position_embeddings": 131072, "num_key_value_heads": 8,
+                "sliding_window": 4096},
+}
+# Rotary scaling types and the keys each needs (transformers raises without them too).
+_ROPE_KEYS = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
 }
 
 
@@ -59,6 +77,8 @@ class ModelArgs:
     rope_scaling: RopeScaling | None = None
     qkv_bias: bool = False
     tie_word_embeddings: bool = False
+    # Mistral: a query at position p attends to keys p - sliding_window + 1 .. p; None: all.
+    sliding_window: int | None = None
     architecture: str = "llama"
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
@@ -77,6 +97,12 @@ class ModelArgs:
             raise ValueError(
                 f"n_heads {self.n_heads} must be a multiple of n_kv_heads {self.n_kv_heads}"
             )
+        if self.sliding_window is not None:
+            if self.architecture != "mistral":
+                raise ValueError(f"sliding_window is a mistral setting; architecture "
+                                 f"{self.architecture!r} has none")
+            if self.sliding_window < 1:
+                raise ValueError(f"sliding_window must be >= 1 or None, got {self.sliding_window}")
 
     @property
     def num_parameters(self) -> int:
@@ -113,25 +139,11 @@ class ModelArgs:
             raise ValueError(
                 f"model_type {model_type!r} is not supported; supported: {sorted(ARCHITECTURES)}"
             )
-        # transformers 5 nests rope settings in "rope_parameters"; 4.x uses top-level keys.
-        # Typed keys: with dict[Any, Any] the outer get() picks its default=None overload.
-        rope: dict[str, Any] = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-        theta = float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0)))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        scaling = None
-        if rope_type in ("linear", "llama3"):
-            scaling = RopeScaling(
-                rope_type=rope_type,
-                factor=float(rope["factor"]),
-                low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
-                high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
-                original_max_position_embeddings=int(
-                    rope.get("original_max_position_embeddings", 8192)
-                ),
-            )
-        elif rope_type != "default":
-            raise ValueError(f"rope scaling type {rope_type!r} is not supported")
+        cfg = _HF_DEFAULTS[model_type] | cfg
+        _refuse_unsupported(cfg)
+        theta, scaling = _rope(cfg)
         n_heads = int(cfg["num_attention_heads"])
+        n_layers = int(cfg["num_hidden_layers"])
         dim = int(cfg["hidden_size"])
         eos = cfg.get("eos_token_id")
         if isinstance(eos, list):  # Llama 3 lists several; the first is the end of a turn
@@ -139,18 +151,18 @@ class ModelArgs:
         return cls(
             vocab_size=int(cfg["vocab_size"]),
             dim=dim,
-            n_layers=int(cfg["num_hidden_layers"]),
+            n_layers=n_layers,
             n_heads=n_heads,
             n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
             intermediate_size=int(cfg["intermediate_size"]),
             head_dim=int(cfg.get("head_dim") or dim // n_heads),
-            max_seq_len=int(cfg.get("max_position_embeddings", 4096)),
-            norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+            max_seq_len=int(cfg["max_position_embeddings"]),
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=theta,
             rope_scaling=scaling,
-            # Qwen2 always has q/k/v bias; Llama may via attention_bias.
-            qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
+            qkv_bias=model_type == "qwen2",  # Qwen2 always has q/k/v bias, and only it
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            sliding_window=_sliding_window(cfg, model_type, n_layers),
             architecture=model_type,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=eos,
@@ -161,6 +173,10 @@ class ModelArgs:
         """The Hugging Face ``config.json`` dict that ``from_hf_config`` reads back."""
         if self.architecture == "qwen2" and not self.qkv_bias:
             raise ValueError("a qwen2 checkpoint always has q/k/v bias; use architecture 'llama'")
+        if self.architecture != "qwen2" and self.qkv_bias:
+            # HF's attention_bias also puts a bias on o_proj, which our decoder does not have.
+            raise ValueError("q/k/v bias without an o_proj bias is a qwen2 checkpoint; "
+                             "use architecture 'qwen2'")
         cfg: dict[str, Any] = {
             "architectures": [ARCHITECTURES[self.architecture]],
             "model_type": self.architecture,
@@ -183,8 +199,13 @@ class ModelArgs:
             "use_cache": True,
         }
         if self.architecture == "llama":
-            cfg["attention_bias"] = self.qkv_bias
+            cfg["attention_bias"] = False
             cfg["mlp_bias"] = False
+        elif self.architecture == "mistral":
+            # Written even when None: transformers' MistralConfig defaults to a 4096 window.
+            cfg["sliding_window"] = self.sliding_window
+        else:
+            cfg["use_sliding_window"] = False
         return cfg
 
     @classmethod
@@ -193,6 +214,69 @@ class ModelArgs:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _refuse_unsupported(cfg: dict[str, Any]) -> None:
+    """Raise ValueError naming the first key whose setting our decoder would compute wrongly."""
+    if (act := cfg.get("hidden_act", "silu")) not in ("silu", "swish"):
+        raise ValueError(f"hidden_act {act!r} is not supported (only 'silu')")
+    if cfg.get("mlp_bias"):
+        raise ValueError("mlp_bias=true is not supported (the MLP projections have no bias)")
+    if cfg.get("attention_bias"):
+        raise ValueError("attention_bias=true (bias on q/k/v and o_proj) is not supported; "
+                         "only Qwen2's q/k/v bias is")
+    if float(cfg.get("partial_rotary_factor") or 1.0) != 1.0:
+        raise ValueError(f"partial_rotary_factor {cfg['partial_rotary_factor']} is not "
+                         "supported (rotary embedding over the whole head only)")
+    if cfg.get("quantization_config"):
+        method = cfg["quantization_config"].get("quant_method", "?")
+        raise ValueError(f"quantization_config ({method}) is not supported; load the "
+                         "unquantized checkpoint")
+
+
+def _rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+    """rope_theta and the scaling of a config, from either transformers layout."""
+    # transformers 5 nests rope settings in "rope_parameters"; 4.x uses top-level keys.
+    # Typed keys: with dict[Any, Any] the outer get() picks its default=None overload.
+    key = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
+    rope: dict[str, Any] = dict(cfg.get(key) or {})
+    theta = float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0)))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in _ROPE_KEYS:
+        raise ValueError(f"{key} rope_type {rope_type!r} is not supported; supported: "
+                         f"{', '.join(_ROPE_KEYS)}")
+    if missing := [k for k in _ROPE_KEYS[rope_type] if k not in rope]:
+        raise ValueError(f"{key} of rope_type {rope_type!r} lacks {', '.join(missing)}")
+    if rope_type == "default":
+        return theta, None
+    return theta, RopeScaling(
+        rope_type=rope_type,
+        factor=float(rope["factor"]),
+        low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(rope.get("original_max_position_embeddings", 8192)),
+    )
+
+
+def _sliding_window(cfg: dict[str, Any], model_type: str, n_layers: int) -> int | None:
+    """Mistral's window (every layer), or None; Qwen2's per-layer windows are refused."""
+    if model_type == "mistral":
+        window = cfg.get("sliding_window")
+        return None if window is None else int(window)
+    if model_type == "qwen2":
+        # Windows only with use_sliding_window, on layers from max_window_layers on, or as
+        # layer_types lists them (transformers' Qwen2Config); no released Qwen2/2.5 or
+        # DeepSeek-R1-Distill-Qwen checkpoint turns them on. Llama has no windows at all.
+        layer_types: list[str] = list(cfg.get("layer_types") or [])
+        sliding = any(t != "full_attention" for t in layer_types)
+        if (not layer_types and cfg.get("use_sliding_window")
+                and cfg.get("sliding_window", 4096) is not None
+                and int(cfg["max_window_layers"]) < n_layers):
+            sliding = True
+        if sliding:
+            raise ValueError("use_sliding_window=true (sliding-window attention on layers "
+                             "from max_window_layers on, see layer_types) is not supported")
+    return None
 
 
 PRESETS: dict[str, ModelArgs] = {

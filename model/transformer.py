@@ -2,7 +2,8 @@
 
 Covers Llama 2/3, Qwen2/2.5, Mistral and DeepSeek-R1-Distill checkpoints: RMSNorm, rotary
 embeddings (theta, linear and Llama 3 scaling), grouped-query attention, SwiGLU MLP, optional
-q/k/v bias (Qwen2) and tied or untied embeddings. Module names follow Hugging Face's
+q/k/v bias (Qwen2), Mistral's sliding window (a mask over the full static cache, not a rolling
+buffer) and tied or untied embeddings. Module names follow Hugging Face's
 ``*ForCausalLM`` so a checkpoint's state dict loads without renaming.
 
 The cache is allocated once, gpt-fast style: ``(n_layers, n_slots, n_kv_heads, max_len,
@@ -156,10 +157,11 @@ class Attention(nn.Module):
         q, k, v = self._project(x, cos, sin)  # (B, T, nh|nkv, hd)
 
         if cache is None or mask is None:
-            # Whole-sequence forward (training, scoring): plain causal attention.
+            # Whole-sequence forward (training, scoring): causal attention, with the sliding
+            # window's mask (T, T) where the sequence is longer than the window.
             y = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                is_causal=True, enable_gqa=True,
+                attn_mask=mask, is_causal=mask is None, enable_gqa=True,
             ).transpose(1, 2)  # (B, T, nh, hd)
             return self.o_proj(y.reshape(B, T, nh * hd))
 
@@ -315,15 +317,24 @@ class Transformer(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)[:, :, None]  # (B, T, 1, hd)
         x = self.model.embed_tokens(tokens)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        window = self.args.sliding_window
         mask = None
         if cache is not None:
             L = min(kv_len if kv_len is not None else cache.max_len, cache.max_len)
             # A query at position p sees cache entries 0..p of its own slot; entries beyond
-            # are stale (an earlier request, or padding) and are masked out. Additive, built
-            # once for all layers: SDPA would convert a boolean mask in every layer.
-            visible = torch.arange(L, device=x.device)[None, None, :] <= input_pos[:, :, None]
+            # are stale (an earlier request, or padding) and are masked out, and so are those
+            # before p - window + 1. Additive, built once for all layers: SDPA would convert
+            # a boolean mask in every layer.
+            keys = torch.arange(L, device=x.device)[None, None, :]
+            visible = keys <= input_pos[:, :, None]  # (B, T, L)
+            if window is not None:
+                visible &= keys > input_pos[:, :, None] - window
             mask = torch.zeros(visible.shape, dtype=x.dtype, device=x.device)
             mask = mask.masked_fill(~visible, float("-inf"))[:, None]  # (B, 1, T, L)
+        elif window is not None and window < T:
+            # Without a cache the tokens are positions 0..T-1 of one sequence per row.
+            pos = torch.arange(T, device=x.device)
+            mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)
         # Only a cached forward writes the cache, and needs each layer's index as a tensor.
         layer_ids = torch.arange(len(self.model.layers), device=x.device) if cache is not None \
             else None

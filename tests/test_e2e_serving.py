@@ -19,6 +19,7 @@ import pytest
 
 from core import errors
 from core.launcher import ManagedProcess, free_port, stop_all, tandem_argv
+from model.demo import DEMO_DIR
 from tandem.client import Client
 from tandem.commands.up_cmd import ensure_edge_artifact
 
@@ -30,7 +31,7 @@ HARD = "zq xv 9#@ plk qq zzz ~~ 77 wxq jj ## kk"
 
 class Stack:
     def __init__(self, home: Path) -> None:
-        artifact = ensure_edge_artifact(home, "int4")
+        artifact = ensure_edge_artifact(home, DEMO_DIR / "edge", "int4")
         self.cloud = self._proc("cloud", home, "cloud", "serve", "--slots", "2",
                                 "--max-queue", "2")
         self.edges = [
@@ -100,15 +101,33 @@ def test_killed_edge_nodes_fail_over_to_the_cloud(stack: Stack) -> None:
             assert answer.served_by.tier == "cloud"
 
 
+def _tandem_up(tmp_path: Path, port: int, *extra: str) -> tuple[subprocess.Popen[bytes], Path,
+                                                                dict[str, str]]:
+    env = {**os.environ, "TANDEM_HOME": str(tmp_path)}
+    env.pop("TANDEM_API_KEY", None)
+    env.pop("TANDEM_MODELS", None)
+    log = tmp_path / "up.log"
+    with open(log, "wb") as out:
+        up = subprocess.Popen(tandem_argv("up", "--port", str(port), *extra), stdout=out,
+                              stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return up, log, env
+
+
+def _wait_up(up: subprocess.Popen[bytes], log: Path, timeout_s: float) -> str:
+    end = time.monotonic() + timeout_s
+    while "Tandem is up" not in log.read_text():
+        assert up.poll() is None, log.read_text()
+        assert time.monotonic() < end, log.read_text()
+        time.sleep(0.2)
+    text = log.read_text()
+    return next(line.split("=", 1)[1] for line in text.splitlines()
+                if "export TANDEM_API_KEY=" in line)
+
+
 def test_tandem_up_and_generate(tmp_path: Path) -> None:
     """The README's demo: `tandem up` in one terminal, `tandem generate` in another."""
     port = free_port()
-    env = {**os.environ, "TANDEM_HOME": str(tmp_path)}
-    env.pop("TANDEM_API_KEY", None)
-    log = tmp_path / "up.log"
-    with open(log, "wb") as out:
-        up = subprocess.Popen(tandem_argv("up", "--port", str(port)), stdout=out,
-                              stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    up, log, env = _tandem_up(tmp_path, port)
 
     def generate(*extra: str, key: str | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -119,14 +138,8 @@ def test_tandem_up_and_generate(tmp_path: Path) -> None:
         )
 
     try:
-        end = time.monotonic() + 240
-        while "Tandem is up" not in log.read_text():
-            assert up.poll() is None, log.read_text()
-            assert time.monotonic() < end, log.read_text()
-            time.sleep(0.2)
+        key = _wait_up(up, log, 240)
         text = log.read_text()
-        key = next(line.split("=", 1)[1] for line in text.splitlines()
-                   if "export TANDEM_API_KEY=" in line)
         denied = generate()
         assert denied.returncode == 1 and "UNAUTHENTICATED" in denied.stderr
         # Seeded: at temperature 1 the demo edge model samples EOS first now and then.

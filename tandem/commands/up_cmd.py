@@ -1,8 +1,11 @@
 """``tandem up``: a whole Tandem on one machine — cloud tier, control plane with Flower's
 SuperLink, edge nodes with their agents and SuperNodes, a router, Redis.
 
-Each server runs as its own process (as in a deployment). The shipped demo edge model is
-published to the control plane as the fleet's first version (its artifact built once); each
+Each server runs as its own process (as in a deployment). The model is the shipped demo pair,
+or with ``--model NAME`` a catalog model (a packaged one, e.g. smollm2-135m-instruct, is
+imported on first use): the cloud tier serves it in full precision, and its edge artifact
+(built once, with the model's recipe or the smallest within the quality budget) is published
+to the control plane as the fleet's first version. Each
 edge node is installed with a join token, serves what the control plane says and holds one
 family of the demo corpus as its site data, so `tandem fed run` works at once. The router
 learns the nodes from the control plane and logs cascade escalations into the nodes' site
@@ -25,12 +28,22 @@ def default_home() -> Path:
     return Path(os.environ.get("TANDEM_HOME", Path.home() / ".tandem"))
 
 
+DEMO = "demo"
+# The demo pair until a real model's first `tandem up` is measured end to end here; serve
+# SmolLM2-135M-Instruct with --model smollm2-135m-instruct.
+DEFAULT_MODEL = DEMO
+
+
 def register(groups: Any) -> None:
     up = groups.add_parser("up", help="run cloud tier, two edge nodes and a router here")
     up.add_argument("--port", type=int, default=50050, help="router port")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--edges", type=int, default=2, help="number of edge nodes")
-    up.add_argument("--quantization", choices=("int4", "int8", "fp32"), default="int4")
+    up.add_argument("--model", default=DEFAULT_MODEL,
+                    help=f"catalog model to serve (default {DEFAULT_MODEL}; 'demo': the small "
+                         "shipped pair)")
+    up.add_argument("--quantization", default=None,
+                    help="edge export recipe (default: the model's own; the demo's is int4)")
     up.add_argument("--home", type=Path, default=None,
                     help="where artifacts and logs go (env TANDEM_HOME, default ~/.tandem)")
     up.add_argument("--device", default="auto", help="the cloud tier's device")
@@ -41,15 +54,37 @@ def register(groups: Any) -> None:
     up.set_defaults(func=cmd_up)
 
 
-def ensure_edge_artifact(home: Path, quantization: str) -> Path:
-    """The shipped edge model as an artifact under ``home`` (built once, then reused)."""
+def model_checkpoints(home: Path, model: str) -> tuple[Path, Path]:
+    """The (cloud, edge-source) checkpoints of ``model``; a packaged model is imported once."""
+    if model == DEMO:
+        from model.demo import DEMO_DIR
+
+        return DEMO_DIR / "cloud", DEMO_DIR / "edge"
+    from model import catalog
+
+    root = Path(os.environ["TANDEM_MODELS"]) if os.environ.get("TANDEM_MODELS") else (
+        home / "models")
+    try:
+        path = catalog.model_dir(model, root)
+    except catalog.CatalogError:
+        if model not in catalog.PACKAGED:
+            raise
+        print(f"importing {model} into {root} (once) ...", flush=True)
+        record = catalog.import_model(model, model, root)
+        print(f"  {record.architecture}, {record.parameters / 1e6:.1f}M parameters, context "
+              f"{record.context}", flush=True)
+        path = catalog.model_dir(model, root)
+    # One model, two tiers: the cloud serves the checkpoint, the edge a quantized export of it.
+    return path, path
+
+
+def ensure_edge_artifact(home: Path, checkpoint: Path, quantization: str | None) -> Path:
+    """``checkpoint``'s edge artifact under ``home`` (built once, then reused)."""
     from model.checkpoint import checkpoint_version
-    from model.demo import DEMO_DIR
     from model.manifest import ArtifactIntegrityError, read_manifest
 
-    checkpoint = DEMO_DIR / "edge"
     version = checkpoint_version(checkpoint)
-    out = home / "artifacts" / f"{version}-{quantization}"
+    out = home / "artifacts" / f"{version}-{quantization or 'recipe'}"
     try:
         read_manifest(out)
         return out
@@ -57,8 +92,12 @@ def ensure_edge_artifact(home: Path, quantization: str) -> Path:
         pass
     from model.export import export_edge_artifact
 
-    print(f"building the edge artifact {out.name} (once) ...", flush=True)
-    export_edge_artifact(checkpoint, out, quantization, base_version=version)
+    print(f"building the edge artifact {out.name} (once; a real model takes a minute or two: "
+          "export, then perplexity against the source) ...", flush=True)
+    start = time.monotonic()
+    manifest = export_edge_artifact(checkpoint, out, quantization, base_version=version)
+    print(f"  {manifest.quantization}, {manifest.total_size / 1e6:.0f} MB, "
+          f"{time.monotonic() - start:.0f} s", flush=True)
     return out
 
 
@@ -114,7 +153,15 @@ def cmd_up(args: argparse.Namespace) -> int:
     home = args.home or default_home()
     run_dir = home / "up" / time.strftime("%Y%m%d-%H%M%S")
     control_dir = run_dir / "control"
-    artifact = ensure_edge_artifact(home, args.quantization)
+    try:
+        cloud_checkpoint, edge_checkpoint = model_checkpoints(home, args.model)
+        # A catalog model without a recipe of its own gets the smallest within the quality
+        # budget (publish refuses more than 3% worse than the source).
+        quantization = args.quantization or ("int4" if args.model == DEMO else "auto")
+        artifact = ensure_edge_artifact(home, edge_checkpoint, quantization)
+    except (ValueError, RuntimeError, OSError) as e:
+        print(f"tandem up: {e}", file=sys.stderr)
+        return 1
     redis = None
     redis_url = args.redis_url
     procs: list[ManagedProcess] = []
@@ -142,7 +189,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     control = server("control", "cloud", "control", "serve", "--data-dir", str(control_dir),
                      "--heartbeat-interval", "2", *fed_flags, "--rollout-min-requests", "20",
                      "--rollout-min-duration", "60s", "--rollout-window", "5m")
-    cloud = server("cloud", "cloud", "serve", "--device", args.device)
+    cloud = server("cloud", "cloud", "serve", "--device", args.device,
+                   "--checkpoint", str(cloud_checkpoint))
     router_port = args.port
     try:
         if redis_url is None:
@@ -175,7 +223,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         router_token = _token(_cli("cloud", "token", "create", "--router", *data), "router")
         router_argv = ["router", "serve", "--host", args.host, "--backend", cloud.address or "",
                        "--control", control.address or "", "--discovery-interval", "2",
-                       "--redis-url", redis_url, "--escalation-log", str(sites)]
+                       "--redis-url", redis_url, "--escalation-log", str(sites),
+                       # Costs and context fits counted on the model's tokens (chat rendered).
+                       "--tokenizer", str(edge_checkpoint)]
         router_argv += ["--cascade"] if args.cascade else []
         router_argv += ["--no-auth"] if args.no_auth else []
         for p in (cloud, *edges):
@@ -191,13 +241,19 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(f"  {p.name:<8} {p.address}  metrics {p.metrics_url}  (log {p.log_path})",
                   flush=True)
         where = "" if args.port == 50050 else f" --address {args.host}:{args.port}"
+        if args.model == DEMO:
+            examples = (f"  tandem generate \"Return a new list\" --stream{where}\n"
+                        f"  tandem generate \"Return a new list\" --route cloud{where}\n")
+        else:
+            ask = '--chat "What is the capital of France?"'
+            examples = (f"  tandem generate {ask} --stream{where}\n"
+                        f"  tandem generate {ask} --route edge{where}\n")
         auth = ("" if key is None else
                 f"API key (shown once; create more with `tandem keys create`):\n"
                 f"  export TANDEM_API_KEY={key}\n  export TANDEM_REDIS_URL={redis_url}\n")
         print(f"\nTandem is up. Router: {args.host}:{args.port}  (logs in {run_dir})\n{auth}"
               f"  export TANDEM_CONTROL_DIR={control_dir}\n"
-              f"  tandem generate \"Return a new list\" --stream{where}\n"
-              f"  tandem generate \"Return a new list\" --route cloud{where}\n"
+              f"{examples}"
               f"  tandem fed run --rounds 3      # federated fine-tuning -> canary\n"
               f"  tandem rollout status\n"
               f"Press Ctrl-C to stop.", flush=True)
